@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all dev guests run test test-amx bench clean
+
+all: dev guests
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# editable install: compiles the cffi bindings (vmm/_kvm*.so) against <linux/kvm.h>
+$(STAMP): $(PY) pyproject.toml setup.py vmm/_build.py vmm/_ioctls.py $(wildcard cdefs/*)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+dev: $(STAMP)
+
+guests:
+	$(MAKE) -s -C guests
+
+run: dev guests
+	$(VENV)/bin/vmm run
+
+test: dev guests
+	$(PY) -m pytest -q tests
+
+test-amx: dev guests
+	$(PY) -m pytest -q -m amx tests
+
+bench: dev guests
+	@echo "no benchmarks yet"
+
+clean:
+	rm -rf $(VENV) build *.egg-info vmm/_kvm.c vmm/_kvm.o vmm/_kvm*.so
+	$(MAKE) -s -C guests clean

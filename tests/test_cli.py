@@ -1,0 +1,66 @@
+"""The command line as users run it: a real process each time."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.kvm
+
+
+def vmm(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "vmm.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_run_default_guest():
+    r = vmm("run")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "Hello from a vmm guest!\ndone\n"
+
+
+def test_run_ud2_reports_ud_and_fails():
+    r = vmm("run", "ud2")
+    assert r.returncode == 1
+    assert r.stdout.startswith("fault #UD at 0x100001")
+
+
+def test_run_spin_timeout_is_bounded():
+    t = time.monotonic()
+    r = vmm("run", "spin", "--timeout", "1")
+    assert time.monotonic() - t < 2 + 1.0  # plus interpreter start
+    assert r.returncode == 1 and r.stdout.startswith("timeout after")
+
+
+def test_run_triple_fault():
+    r = vmm("run", "triple-fault")
+    assert r.returncode == 1 and "shutdown" in r.stdout
+
+
+def test_run_json():
+    r = vmm("run", "sync", "--json")
+    d = json.loads(r.stdout)
+    assert d["syncs"] == ["0x11", "0x22", "0x33"] and d["exit"]["event"] == "done"
+
+
+def test_caps_and_guests():
+    d = json.loads(vmm("caps", "--json").stdout)
+    assert d["api_version"] == 12 and d["xsave2_size"]["vm_fd"] >= 4096
+    assert "KVM_CAP_XSAVE2" in d["capabilities"]
+    names = [g["name"] for g in json.loads(vmm("guests", "--json").stdout)]
+    assert {"hello", "sync", "ud2", "triple-fault", "spin", "avx512"} <= set(names)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("run", "nope"), "unknown guest 'nope'"),
+    (("run", "/nonexistent/g.bin"), "does not exist"),
+    (("run", "--device", "/nonexistent/kvm"), "no KVM on this host"),
+    (("caps", "--device", "/nonexistent/kvm"), "ENOENT"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    r = vmm(*args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,145 @@
+"""The `vmm` command line. Every command has --json; errors print one line and exit 2."""
+
+import functools
+import json
+import os
+import sys
+import time
+
+import click
+
+from . import kvm as kvm_mod
+from .errors import VmmError
+
+EXIT_OK, EXIT_GUEST, EXIT_ERROR = 0, 1, 2
+
+
+def _emit(obj):
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def handle_errors(fn):
+    """Turn the project's errors (and bad input) into one clear line on stderr, exit 2."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except (VmmError, ValueError, OSError) as e:
+            click.echo(f"vmm: error: {e}", err=True)
+            sys.exit(EXIT_ERROR)
+    return wrapper
+
+
+device_option = click.option("--device", default=kvm_mod.DEFAULT_DEVICE, show_default=True,
+                             help="KVM device node.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vmm")
+def main():
+    """A userspace VMM over real /dev/kvm for debugging x86 vCPU state."""
+
+
+@main.command()
+@click.argument("guest", default="hello")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Wall-clock limit, seconds.")
+@click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True,
+              help="Privilege level of the payload (0 is emulated on PVM hosts).")
+@click.option("--memory", "memory_mib", type=int, default=4, show_default=True, help="Guest RAM in MiB.")
+@click.option("--cpu", "cpu_file", type=click.Path(), default=None,
+              help="Guest CPUID from a JSON file (vmm cpuid --json / vmm baseline).")
+@device_option
+@json_option
+@handle_errors
+def run(guest, timeout, cpl, memory_mib, cpu_file, device, as_json):
+    """Boot GUEST (a built-in name or a flat binary; default: hello) and run it to its end.
+
+    Prints the guest's console output, each SYNC, then one line with how it ended.
+    Exit status 0 only when the guest reports DONE."""
+    from .guest.machine import Machine
+    from .guest.runner import Done, Sync
+
+    cpuid = None
+    if cpu_file:
+        from .cpuid import CpuidTable
+        with open(cpu_file) as f:
+            cpuid = CpuidTable.from_json(json.load(f))
+    t0 = time.monotonic()
+    out = None if as_json else (lambda b: (sys.stdout.write(b.decode("utf-8", "replace")), sys.stdout.flush()))
+    syncs = []
+    with Machine(guest, cpl=int(cpl), memory=memory_mib << 20, device=device, on_console=out,
+                 cpuid=cpuid) as m:
+        deadline = t0 + timeout
+        while True:
+            ev = m.run(timeout=max(deadline - time.monotonic(), 1e-3))
+            if isinstance(ev, Sync):
+                syncs.append(ev.value)
+                if not as_json:
+                    click.echo(str(ev))
+                continue
+            break
+        elapsed = time.monotonic() - t0
+        if as_json:
+            _emit({"guest": m.image.name, "cpl": int(cpl), "console": m.console,
+                   "syncs": [hex(v) for v in syncs], "exit": ev.to_json(), "str": str(ev),
+                   "exits": m.runner.exits, "seconds": round(elapsed, 4)})
+        else:
+            if m.console and not m.console.endswith("\n"):
+                click.echo()
+            click.echo(str(ev))
+    sys.exit(EXIT_OK if isinstance(ev, Done) else EXIT_GUEST)
+
+
+@main.command()
+@device_option
+@json_option
+@handle_errors
+def caps(device, as_json):
+    """KVM API version, the capabilities vmm uses, CAP_XSAVE2, MSR list size, PVM or not."""
+    with kvm_mod.Kvm(device) as k:
+        caps = k.caps()
+        with k.create_vm() as vm:
+            vm_xsave2 = vm.xsave2_size()
+        supported = k.get_supported_cpuid()
+        info = {
+            "kernel": os.uname().release,
+            "api_version": k.get_api_version(),
+            "pvm": kvm_mod.is_pvm(),
+            "vcpu_mmap_size": k.get_vcpu_mmap_size(),
+            "xsave2_size": {"dev_kvm": caps["KVM_CAP_XSAVE2"], "vm_fd": vm_xsave2},
+            "supported_xcr0": hex(supported.xcr0_supported()),
+            "msr_index_list": len(k.get_msr_index_list()),
+            "msr_feature_index_list": len(k.get_msr_feature_index_list()),
+            "capabilities": caps,
+        }
+    if as_json:
+        _emit(info)
+        return
+    click.echo(f"kernel            {info['kernel']}")
+    click.echo(f"KVM API version   {info['api_version']}")
+    click.echo(f"host is PVM       {'yes (guest CPL0 code is emulated; payloads run at CPL3)' if info['pvm'] else 'no'}")
+    click.echo(f"CAP_XSAVE2        {caps['KVM_CAP_XSAVE2']} on /dev/kvm, {vm_xsave2} on a VM fd")
+    click.echo(f"supported XCR0    {info['supported_xcr0']}")
+    click.echo(f"MSR index list    {info['msr_index_list']} MSRs ({info['msr_feature_index_list']} feature MSRs)")
+    click.echo("capabilities:")
+    for name, v in caps.items():
+        click.echo(f"  {name:<28} {v}")
+
+
+@main.command()
+@json_option
+@handle_errors
+def guests(as_json):
+    """List the built-in guests."""
+    from .guest import catalog
+    rows = [(n, catalog._description(n)) for n in catalog.names()]
+    if as_json:
+        _emit([{"name": n, "description": d} for n, d in rows])
+        return
+    for n, d in rows:
+        click.echo(f"{n:<14} {d.split('; ')[0].rstrip('.')}")
+
+
+if __name__ == "__main__":
+    main()

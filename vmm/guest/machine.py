@@ -1,0 +1,94 @@
+"""Machine: a VM with the guest runtime installed and vCPUs ready at the payload's entry."""
+
+from .. import kvm as kvm_mod
+from . import catalog, runtime
+from .runner import Runner
+
+XCR0_X87_SSE = 0x3
+
+
+def default_guest_cpuid(kvm, xcr0=None):
+    """The guest CPUID a VM gets unless the caller supplies one: KVM's supported CPUID limited to
+    `xcr0` (default: everything leaf 0xD lists). KVM requires CPUID.1:ECX.XSAVE for CR4.OSXSAVE,
+    and some hosts (PVM) list XSAVE components in leaf 0xD but not the XSAVE bit; we set it then."""
+    supported = kvm.get_supported_cpuid()
+    return supported.guest_for_xcr0(supported.xcr0_supported() if xcr0 is None else xcr0)
+
+
+class Machine:
+    """Builds a VM for a guest image. Use as a context manager; `kvm` may be shared."""
+
+    def __init__(self, guest="hello", cpl=3, memory=runtime.DEFAULT_MEMORY, vcpus=1, kvm=None,
+                 cpuid=None, xcr0=None, device=kvm_mod.DEFAULT_DEVICE, on_console=None, irqchip=False):
+        if memory < runtime.MIN_MEMORY:
+            raise ValueError(f"guest memory must be at least {runtime.MIN_MEMORY >> 20} MiB")
+        self.image = guest if isinstance(guest, catalog.Image) else catalog.load(guest)
+        if len(self.image.code) > runtime.SCRATCH_BASE - runtime.PAYLOAD_BASE:
+            from ..errors import GuestError
+            raise GuestError(f"guest {self.image.name!r} is {len(self.image.code)} bytes, larger than the "
+                             f"{runtime.SCRATCH_BASE - runtime.PAYLOAD_BASE} bytes of guest memory reserved "
+                             f"for the payload at 0x{runtime.PAYLOAD_BASE:x}")
+        rt = self.runtime_image = catalog.load("runtime")
+        self.cpl = cpl
+        self._own_kvm = kvm is None
+        self.kvm = kvm or kvm_mod.Kvm(device)
+        try:
+            self.vm = self.kvm.create_vm()
+            if irqchip:
+                self.vm.create_irqchip()
+            self.memory = self.vm.add_memory(memory)
+            runtime.install(self.vm, rt, self.image.code, memory)
+            self.cpuid = cpuid if cpuid is not None else default_guest_cpuid(self.kvm, xcr0)
+            self.xcr0 = self.cpuid.xcr0_supported() if xcr0 is None else xcr0
+            self.vcpus = []
+            self.runners = []
+            for i in range(vcpus):
+                v = self.vm.create_vcpu()
+                self.setup_vcpu(v, i)
+                self.vcpus.append(v)
+                self.runners.append(Runner(self.vm, v, on_console))
+        except BaseException:
+            self.close()
+            raise
+
+    def setup_vcpu(self, vcpu, index):
+        # Guest CPUID first: KVM validates CR4 and XCR0 against it.
+        vcpu.set_cpuid2(self.cpuid)
+        xsave = self.cpuid.has("XSAVE")
+        st = runtime.entry_state(self.cpl, xsave=xsave, base_sregs=vcpu.get_sregs(),
+                                 stack_top=runtime.USER_STACK_TOP - index * 0x10000)
+        st.regs.rsi = index  # the payload learns its vCPU index from %rsi
+        vcpu.set_sregs(st.sregs)
+        vcpu.set_regs(st.regs)
+        if xsave and self.xcr0 & ~XCR0_X87_SSE:
+            vcpu.set_xcrs({0: self.xcr0})
+
+    @property
+    def vcpu(self):
+        return self.vcpus[0]
+
+    @property
+    def runner(self):
+        return self.runners[0]
+
+    def run(self, timeout=None, vcpu=0):
+        return self.runners[vcpu].run_until_event(timeout)
+
+    @property
+    def console(self):
+        return b"".join(bytes(r.console) for r in self.runners).decode("utf-8", "replace")
+
+    def close(self):
+        vm = getattr(self, "vm", None)
+        if vm is not None:
+            vm.close()
+            self.vm = None
+        if self._own_kvm and getattr(self, "kvm", None) is not None:
+            self.kvm.close()
+            self.kvm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,114 @@
+"""Kvm: the /dev/kvm handle (system ioctls)."""
+
+import errno
+import os
+
+from ._bindings import ffi, ioctl, lib
+from .errors import KvmError
+
+DEFAULT_DEVICE = "/dev/kvm"
+
+# Capabilities this project uses, by name, for `vmm caps` and probes.
+CAPS = ("KVM_CAP_IRQCHIP", "KVM_CAP_HLT", "KVM_CAP_USER_MEMORY", "KVM_CAP_SET_TSS_ADDR",
+        "KVM_CAP_EXT_CPUID", "KVM_CAP_NR_VCPUS", "KVM_CAP_MAX_VCPUS", "KVM_CAP_NR_MEMSLOTS",
+        "KVM_CAP_PIT2", "KVM_CAP_ADJUST_CLOCK", "KVM_CAP_VCPU_EVENTS", "KVM_CAP_DEBUGREGS",
+        "KVM_CAP_XSAVE", "KVM_CAP_XCRS", "KVM_CAP_XSAVE2", "KVM_CAP_TSC_CONTROL",
+        "KVM_CAP_GET_TSC_KHZ", "KVM_CAP_TSC_DEADLINE_TIMER", "KVM_CAP_ONE_REG", "KVM_CAP_SYNC_REGS",
+        "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_SPLIT_IRQCHIP", "KVM_CAP_X86_MSR_FILTER",
+        "KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_INTERNAL_ERROR_DATA", "KVM_CAP_X86_SMM",
+        "KVM_CAP_GET_MSR_FEATURES")
+
+
+def cap_number(name):
+    return getattr(lib, name)
+
+
+def is_pvm():
+    """True when /dev/kvm is served by the kvm_pvm module (guest CPL0 code is emulated)."""
+    return os.path.isdir("/sys/module/kvm_pvm")
+
+
+class Kvm:
+    """An open /dev/kvm. Use as a context manager."""
+
+    def __init__(self, device=DEFAULT_DEVICE):
+        self.device = device
+        try:
+            self.fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KvmError("open", e.errno, detail=device) from None
+        try:
+            version = self.get_api_version()
+            if version != lib.KVM_API_VERSION:
+                raise KvmError("KVM_GET_API_VERSION", errno.EINVAL,
+                               hint=f"KVM API version {version}, this vmm needs {lib.KVM_API_VERSION}")
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def get_api_version(self):
+        return ioctl(self.fd, "KVM_GET_API_VERSION")
+
+    def check_extension(self, cap):
+        """KVM_CHECK_EXTENSION on /dev/kvm; cap is a number or a KVM_CAP_* name."""
+        if isinstance(cap, str):
+            cap = cap_number(cap)
+        return ioctl(self.fd, "KVM_CHECK_EXTENSION", cap)
+
+    def get_vcpu_mmap_size(self):
+        return ioctl(self.fd, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def _cpuid_entries(self, name):
+        n = 128
+        while True:
+            buf = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+            try:
+                ioctl(self.fd, name, buf)
+            except KvmError as e:
+                if e.errno == errno.E2BIG and n < 4096:
+                    n *= 2
+                    continue
+                raise
+            return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                    for e in buf.entries[0:buf.nent]]
+
+    def get_supported_cpuid(self):
+        """KVM_GET_SUPPORTED_CPUID as a CpuidTable. Re-read after any arch_prctl permission change."""
+        from .cpuid import CpuidTable
+        return CpuidTable.from_kvm_entries(self._cpuid_entries("KVM_GET_SUPPORTED_CPUID"))
+
+    def _msr_list(self, name):
+        probe = ffi.new("struct kvm_msr_list *", {"nmsrs": 0, "indices": 0})
+        try:
+            ioctl(self.fd, name, probe)
+        except KvmError as e:
+            if e.errno != errno.E2BIG:
+                raise
+        n = probe.nmsrs
+        buf = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
+        ioctl(self.fd, name, buf)
+        return list(buf.indices[0:buf.nmsrs])
+
+    def get_msr_index_list(self):
+        return self._msr_list("KVM_GET_MSR_INDEX_LIST")
+
+    def get_msr_feature_index_list(self):
+        return self._msr_list("KVM_GET_MSR_FEATURE_INDEX_LIST")
+
+    def create_vm(self, **kw):
+        from .vm import Vm
+        return Vm(self, ioctl(self.fd, "KVM_CREATE_VM", 0), **kw)
+
+    def caps(self):
+        return {name: self.check_extension(name) for name in CAPS}
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

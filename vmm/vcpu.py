@@ -1,0 +1,248 @@
+"""Vcpu: one method per vCPU ioctl, plus the mapped kvm_run area."""
+
+import errno
+import mmap
+import os
+
+from ._bindings import ffi, ioctl, lib
+from .cstructs import Regs, Sregs
+from .errors import KvmError
+
+XSAVE_LEGACY_SIZE = 4096  # sizeof(struct kvm_xsave): the most legacy KVM_GET_XSAVE can carry
+
+
+class Vcpu:
+    def __init__(self, vm, fd, vcpu_id):
+        self.vm = vm
+        self.fd = fd
+        self.id = vcpu_id
+        size = vm.kvm.get_vcpu_mmap_size()
+        self._run_mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._run_buf = ffi.from_buffer(self._run_mm)
+        self.kvm_run = ffi.cast("struct kvm_run *", self._run_buf)
+
+    # --- KVM_RUN ------------------------------------------------------------------------------
+    def run(self):
+        """KVM_RUN once; returns kvm_run.exit_reason (KVM_EXIT_INTR when a signal kicked it out)."""
+        try:
+            ioctl(self.fd, "KVM_RUN")
+        except KvmError as e:
+            if e.errno != errno.EINTR:
+                raise
+            self.kvm_run.exit_reason = lib.KVM_EXIT_INTR
+        return self.kvm_run.exit_reason
+
+    # --- registers ----------------------------------------------------------------------------
+    def get_regs(self):
+        c = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, "KVM_GET_REGS", c)
+        return Regs.from_c(c)
+
+    def set_regs(self, regs):
+        ioctl(self.fd, "KVM_SET_REGS", regs.to_c())
+
+    def get_sregs(self):
+        c = ffi.new("struct kvm_sregs *")
+        ioctl(self.fd, "KVM_GET_SREGS", c)
+        return Sregs.from_c(c)
+
+    def set_sregs(self, sregs):
+        ioctl(self.fd, "KVM_SET_SREGS", sregs.to_c())
+
+    def _get_raw(self, name, ctype):
+        c = ffi.new(ctype + " *")
+        ioctl(self.fd, name, c)
+        return bytes(ffi.buffer(c))
+
+    def _set_raw(self, name, ctype, raw):
+        c = ffi.new(ctype + " *")
+        buf = ffi.buffer(c)
+        if len(raw) != len(buf):
+            raise ValueError(f"{name}: {ctype} is {len(buf)} bytes, got {len(raw)}")
+        buf[:] = raw
+        ioctl(self.fd, name, c)
+
+    def get_fpu(self):
+        return self._get_raw("KVM_GET_FPU", "struct kvm_fpu")
+
+    def set_fpu(self, raw):
+        self._set_raw("KVM_SET_FPU", "struct kvm_fpu", raw)
+
+    def get_vcpu_events(self):
+        return self._get_raw("KVM_GET_VCPU_EVENTS", "struct kvm_vcpu_events")
+
+    def set_vcpu_events(self, raw):
+        self._set_raw("KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events", raw)
+
+    def get_debugregs(self):
+        return self._get_raw("KVM_GET_DEBUGREGS", "struct kvm_debugregs")
+
+    def set_debugregs(self, raw):
+        self._set_raw("KVM_SET_DEBUGREGS", "struct kvm_debugregs", raw)
+
+    def get_lapic(self):
+        return self._get_raw("KVM_GET_LAPIC", "struct kvm_lapic_state")
+
+    def set_lapic(self, raw):
+        self._set_raw("KVM_SET_LAPIC", "struct kvm_lapic_state", raw)
+
+    def get_mp_state(self):
+        c = ffi.new("struct kvm_mp_state *")
+        ioctl(self.fd, "KVM_GET_MP_STATE", c)
+        return c.mp_state
+
+    def set_mp_state(self, state):
+        ioctl(self.fd, "KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": state}))
+
+    def get_tsc_khz(self):
+        return ioctl(self.fd, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz):
+        ioctl(self.fd, "KVM_SET_TSC_KHZ", khz)
+
+    # --- XCRs ---------------------------------------------------------------------------------
+    def get_xcrs(self):
+        c = ffi.new("struct kvm_xcrs *")
+        ioctl(self.fd, "KVM_GET_XCRS", c)
+        return {c.xcrs[i].xcr: c.xcrs[i].value for i in range(c.nr_xcrs)}
+
+    def set_xcrs(self, xcrs):
+        c = ffi.new("struct kvm_xcrs *")
+        c.nr_xcrs = len(xcrs)
+        for i, (xcr, value) in enumerate(sorted(xcrs.items())):
+            c.xcrs[i].xcr, c.xcrs[i].value = xcr, value
+        ioctl(self.fd, "KVM_SET_XCRS", c)
+
+    # --- MSRs ---------------------------------------------------------------------------------
+    def get_msrs(self, indices):
+        """KVM_GET_MSRS: {index: value}. Raises KvmError naming the first MSR KVM would not read."""
+        indices = list(indices)
+        c = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for i, idx in enumerate(indices):
+            c.entries[i].index = idx
+        n = ioctl(self.fd, "KVM_GET_MSRS", c)
+        if n < len(indices):
+            raise KvmError("KVM_GET_MSRS", errno.EINVAL, detail=f"MSR 0x{indices[n]:x}",
+                           hint=f"KVM read {n} of {len(indices)} MSRs and stopped at MSR 0x{indices[n]:x}: "
+                                "this vCPU does not have it (feature absent from guest CPUID?)")
+        return {c.entries[i].index: c.entries[i].data for i in range(n)}
+
+    def set_msrs(self, values):
+        """KVM_SET_MSRS from {index: value}; raises KvmError naming the first MSR KVM rejected."""
+        items = list(values.items())
+        c = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for i, (idx, v) in enumerate(items):
+            c.entries[i].index, c.entries[i].data = idx, v
+        n = ioctl(self.fd, "KVM_SET_MSRS", c)
+        if n < len(items):
+            idx, v = items[n]
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, detail=f"MSR 0x{idx:x}",
+                           hint=f"KVM wrote {n} of {len(items)} MSRs and rejected MSR 0x{idx:x} = 0x{v:x}")
+
+    # --- ONE_REG ------------------------------------------------------------------------------
+    def get_one_reg(self, reg_id):
+        val = ffi.new("__u64 *")
+        r = ffi.new("struct kvm_one_reg *", {"id": reg_id, "addr": int(ffi.cast("uintptr_t", val))})
+        ioctl(self.fd, "KVM_GET_ONE_REG", r, detail=f"id 0x{reg_id:x}")
+        return val[0]
+
+    def set_one_reg(self, reg_id, value):
+        val = ffi.new("__u64 *", value)
+        r = ffi.new("struct kvm_one_reg *", {"id": reg_id, "addr": int(ffi.cast("uintptr_t", val))})
+        ioctl(self.fd, "KVM_SET_ONE_REG", r, detail=f"id 0x{reg_id:x}")
+
+    def get_reg_list(self):
+        """KVM_GET_REG_LIST with the E2BIG protocol: ask with n=0, KVM says how many, ask again."""
+        probe = ffi.new("struct kvm_reg_list *", {"n": 0, "reg": 0})
+        try:
+            ioctl(self.fd, "KVM_GET_REG_LIST", probe)
+            return []
+        except KvmError as e:
+            if e.errno != errno.E2BIG:
+                raise
+        n = probe.n
+        buf = ffi.new("struct kvm_reg_list *", {"n": n, "reg": n})
+        ioctl(self.fd, "KVM_GET_REG_LIST", buf)
+        return list(buf.reg[0:buf.n])
+
+    # --- CPUID --------------------------------------------------------------------------------
+    def set_cpuid2(self, table):
+        entries = table.to_kvm_entries()
+        c = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+        for i, (fn, idx, flags, a, b, cc, d) in enumerate(entries):
+            e = c.entries[i]
+            e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx = fn, idx, flags, a, b, cc, d
+        ioctl(self.fd, "KVM_SET_CPUID2", c)
+        self.cpuid = table
+
+    def get_cpuid2(self):
+        from .cpuid import CpuidTable
+        n = 128
+        while True:
+            c = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+            try:
+                ioctl(self.fd, "KVM_GET_CPUID2", c)
+            except KvmError as e:
+                if e.errno == errno.E2BIG and n < 4096:
+                    n *= 2
+                    continue
+                raise
+            return CpuidTable.from_kvm_entries(
+                [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in c.entries[0:c.nent]])
+
+    # --- XSAVE --------------------------------------------------------------------------------
+    def xsave_size(self):
+        """The XSAVE buffer size for this vCPU, discovered (never cached): KVM_CAP_XSAVE2 on the
+        VM fd, or 4096 when the kernel predates it."""
+        return self.vm.xsave2_size() or XSAVE_LEGACY_SIZE
+
+    def get_xsave2(self, size=None):
+        """KVM_GET_XSAVE2 into a buffer of the discovered size; returns bytes."""
+        size = size or self.vm.xsave2_size()
+        if size < XSAVE_LEGACY_SIZE:
+            raise KvmError("KVM_GET_XSAVE2", errno.ENOTTY,
+                           hint="KVM_CAP_XSAVE2 is absent on this kernel: use get_xsave_legacy()")
+        buf = ffi.new("char[]", size)
+        ioctl(self.fd, "KVM_GET_XSAVE2", buf)
+        return bytes(ffi.buffer(buf))
+
+    def get_xsave_legacy(self):
+        """KVM_GET_XSAVE (4096 bytes). Refused when the vCPU's state is larger: it would be cut."""
+        need = self.vm.xsave2_size()
+        if need > XSAVE_LEGACY_SIZE:
+            raise KvmError("KVM_GET_XSAVE", errno.E2BIG,
+                           hint=f"the XSAVE state needs {need} bytes (KVM_CAP_XSAVE2) but struct kvm_xsave "
+                                f"holds {XSAVE_LEGACY_SIZE}: use KVM_GET_XSAVE2")
+        c = ffi.new("struct kvm_xsave *")
+        ioctl(self.fd, "KVM_GET_XSAVE", c)
+        return bytes(ffi.buffer(c))
+
+    def get_xsave(self):
+        """The XSAVE area: KVM_GET_XSAVE2 when the capability exists, else legacy KVM_GET_XSAVE."""
+        if self.vm.xsave2_size():
+            return self.get_xsave2()
+        return self.get_xsave_legacy()
+
+    def set_xsave(self, raw):
+        """KVM_SET_XSAVE of a buffer of exactly the discovered size (callers validate contents first)."""
+        size = self.xsave_size()
+        if len(raw) != size:
+            raise KvmError("KVM_SET_XSAVE", errno.EINVAL, detail=f"{len(raw)} bytes",
+                           hint=f"this vCPU's XSAVE area is {size} bytes (KVM_CAP_XSAVE2), got {len(raw)}")
+        buf = ffi.new("char[]", raw)
+        ioctl(self.fd, "KVM_SET_XSAVE", buf)
+
+    # --- lifetime -----------------------------------------------------------------------------
+    def close(self):
+        if self.fd >= 0:
+            self.kvm_run = None
+            ffi.release(self._run_buf)
+            self._run_mm.close()
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
