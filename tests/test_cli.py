@@ -64,3 +64,23 @@ def test_bad_input_is_one_clear_line(args, message):
     r = vmm(*args)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_reg_set_is_seen_by_the_guest():
+    r = vmm("reg", "set", "msr-report", "KERNEL_GS_BASE=0x7000abcd0000")
+    assert r.returncode == 0, r.stderr
+    assert "set MSR_KERNEL_GS_BASE = 0x7000abcd0000 via ONE_REG; reads back 0x7000abcd0000" in r.stdout
+    assert "guest reads MSR 0x00000000c0000102 = 0x00007000abcd0000" in r.stdout
+
+
+def test_reg_get_and_list_json():
+    d = json.loads(vmm("reg", "get", "sync", "EFER", "0xc0000081", "--json").stdout)
+    assert [x["name"] for x in d["registers"]] == ["MSR_EFER", "MSR_STAR"]
+    assert int(d["registers"][0]["value"], 16) & 0x500 == 0x500  # LME | LMA: the guest is in long mode
+    d = json.loads(vmm("reg", "list", "sync", "--json").stdout)
+    assert d["reg_list"] == [] and any(x["name"] == "MSR_EFER" for x in d["registers"])
+
+
+def test_reg_get_guest_ssp_says_why():
+    r = vmm("reg", "get", "sync", "GUEST_SSP")
+    assert r.returncode == 2 and "EINVAL" in r.stderr and "SHSTK" in r.stderr

@@ -81,6 +81,13 @@ def test_garbage_line_names_source_line_and_text(bad):
     assert "<text>:3:" in msg and bad in msg
 
 
+def test_missing_file_is_reported_as_such(tmp_path):
+    with pytest.raises(CpuidError, match="no such CPUID dump file"):
+        CpuidTable.from_dump(str(tmp_path / "missing.txt"))
+    with pytest.raises(FileNotFoundError):
+        CpuidTable.from_dump(tmp_path / "missing.txt")
+
+
 def test_garbage_in_file_names_the_file(tmp_path):
     lines = SPR_PATH.read_text().splitlines()
     lines.insert(10, "CPUID 00000005 garbage")

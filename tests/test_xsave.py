@@ -66,6 +66,8 @@ def test_standard_size_matches_leaf_d_ebx():
     assert GENOA_LAYOUT.standard_size() == 0x988
     assert GENOA_LAYOUT.standard_size(0xE7) == GENOA.entry(0xD, 0).ebx == 0x980
     assert SPR_LAYOUT.standard_size(0x7) == 832 and SPR_LAYOUT.standard_size(0x3) == 576
+    # Supervisor components have no standard-format place (LBR's 808 bytes would show).
+    assert SPR_LAYOUT.standard_size(0x3 | SPR_LAYOUT.supervisor_mask) == 576
 
 
 def test_compacted_size_matches_leaf_d1_ebx():
@@ -262,6 +264,12 @@ def test_clear_xstate_bv_reads_as_init_and_setters_materialize():
     assert area.encode()[160 + 16:160 + 32] == bytes(16)
     assert area.mxcsr == 0x1F80
     assert area.fcw == 0x37F  # x87 still init
+    area.set_k(6, 0xF0)
+    assert area.k(6) == 0xF0 and area.k(0) == 0 and area.k(7) == 0
+    opmask = GENOA_LAYOUT.components[5]
+    assert area.encode()[opmask.offset:opmask.offset + 48] == bytes(48)
+    assert area.zmm(16) == 0 and area.zmm(31) == 0  # Hi16_ZMM still init, bytes still stale
+    assert area.xstate_bv == 0b10_0010
 
 
 def test_mxcsr_is_live_with_avx_alone():
@@ -332,6 +340,20 @@ def test_setters_validate():
     with pytest.raises(XsaveError, match="ymm0h"):
         small.ymm(0)
     assert area.xstate_bv == 0  # failed setters changed nothing
+
+
+def test_components_outside_guest_xcr0():
+    # What a host that does not enforce XCR0 = 0x7 produced: XSTATE_BV 0xa6.
+    area = XsaveArea.blank(GENOA_LAYOUT)
+    area.set_ymm(0, 1 << 200)
+    area.set_k(3, 1)
+    area.set_zmm(20, 1)
+    assert area.xstate_bv == 0xA6
+    assert [c.name for c in area.components_outside(0x7)] == ["opmask", "Hi16_ZMM"]
+    assert area.components_outside(0xE7) == []
+    guest_layout = XsaveLayout.from_cpuid(GENOA.guest_for_xcr0(0x7))
+    with pytest.raises(XsaveError, match=r"opmask \(5\), Hi16_ZMM \(7\)"):
+        XsaveArea.parse(area.encode(), guest_layout)
 
 
 def test_diff_by_register():
@@ -438,3 +460,15 @@ def test_validate_for_set_reports_every_problem():
     assert len(problems) == 5
     assert [p.split()[0] for p in problems] == ["buffer", "XCOMP_BV", "reserved", "XSTATE_BV", "MXCSR"]
     assert "reserved bits 0x100000" in problems[4]
+
+
+@pytest.mark.parametrize("bv", [0x0, 0x1, 0x2, 0x4])
+def test_validate_for_set_checks_mxcsr(bv):
+    # Some kernels check MXCSR whenever SSE/AVX may be used, whatever XSTATE_BV says.
+    buf = bytearray(XsaveArea.blank(GENOA_LAYOUT).encode())
+    buf[512:520] = bv.to_bytes(8, "little")
+    validate_for_set(buf, GENOA_LAYOUT, 0x2E7)
+    buf[24:28] = (0x1F80 | 1 << 16).to_bytes(4, "little")
+    with pytest.raises(XsaveError, match="MXCSR 0x11f80 sets reserved bits 0x10000"):
+        validate_for_set(buf, GENOA_LAYOUT, 0x2E7)
+    validate_for_set(buf, GENOA_LAYOUT, 0x2E7, mxcsr_feature_mask=0x3FFFF)

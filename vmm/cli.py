@@ -1,7 +1,5 @@
 """The `vmm` command line. Every command has --json; errors print one line and exit 2."""
 
-import functools
-import json
 import os
 import sys
 import time
@@ -9,30 +7,9 @@ import time
 import click
 
 from . import kvm as kvm_mod
-from .errors import VmmError
 
-EXIT_OK, EXIT_GUEST, EXIT_ERROR = 0, 1, 2
-
-
-def _emit(obj):
-    click.echo(json.dumps(obj, indent=2, sort_keys=False))
-
-
-def handle_errors(fn):
-    """Turn the project's errors (and bad input) into one clear line on stderr, exit 2."""
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except (VmmError, ValueError, OSError) as e:
-            click.echo(f"vmm: error: {e}", err=True)
-            sys.exit(EXIT_ERROR)
-    return wrapper
-
-
-device_option = click.option("--device", default=kvm_mod.DEFAULT_DEVICE, show_default=True,
-                             help="KVM device node.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+from .commands.common import (EXIT_GUEST, EXIT_OK, _emit, device_option, handle_errors,  # noqa: F401
+                              json_option)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,28 +34,14 @@ def run(guest, timeout, cpl, memory_mib, cpu_file, device, as_json):
 
     Prints the guest's console output, each SYNC, then one line with how it ended.
     Exit status 0 only when the guest reports DONE."""
+    from .commands.common import console_echo, load_cpu, run_to_end
     from .guest.machine import Machine
-    from .guest.runner import Done, Sync
+    from .guest.runner import Done
 
-    cpuid = None
-    if cpu_file:
-        from .cpuid import CpuidTable
-        with open(cpu_file) as f:
-            cpuid = CpuidTable.from_json(json.load(f))
     t0 = time.monotonic()
-    out = None if as_json else (lambda b: (sys.stdout.write(b.decode("utf-8", "replace")), sys.stdout.flush()))
-    syncs = []
-    with Machine(guest, cpl=int(cpl), memory=memory_mib << 20, device=device, on_console=out,
-                 cpuid=cpuid) as m:
-        deadline = t0 + timeout
-        while True:
-            ev = m.run(timeout=max(deadline - time.monotonic(), 1e-3))
-            if isinstance(ev, Sync):
-                syncs.append(ev.value)
-                if not as_json:
-                    click.echo(str(ev))
-                continue
-            break
+    with Machine(guest, cpl=int(cpl), memory=memory_mib << 20, device=device,
+                 on_console=console_echo(as_json), cpuid=load_cpu(cpu_file)) as m:
+        ev, syncs = run_to_end(m, timeout, as_json)
         elapsed = time.monotonic() - t0
         if as_json:
             _emit({"guest": m.image.name, "cpl": int(cpl), "console": m.console,
@@ -140,6 +103,10 @@ def guests(as_json):
     for n, d in rows:
         click.echo(f"{n:<14} {d.split('; ')[0].rstrip('.')}")
 
+
+from .commands import register  # noqa: E402  (the commands import this module's helpers)
+
+register(main)
 
 if __name__ == "__main__":
     main()

@@ -390,6 +390,8 @@ class CpuidTable:
             text = Path(path_or_text).read_text()
         else:
             source, text = "<text>", str(path_or_text)
+            if "\n" not in text and text.strip() and not text.lstrip().startswith(("CPUID", "#")):
+                raise CpuidError(f"{text}: no such CPUID dump file")
         table = cls()
         for lineno, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()

@@ -17,6 +17,7 @@ typos reported) before any VM exists.
 from __future__ import annotations
 
 import difflib
+import errno as _errno
 import re
 from dataclasses import dataclass
 
@@ -359,3 +360,92 @@ def parse_assignment(text: str) -> tuple[int, int]:
     if value > _U64_MAX:
         raise RegError(f"value for {name} {value_text!r} does not fit in 64 bits")
     return reg_id, value
+
+
+# --- access on a vCPU ------------------------------------------------------------------------------
+# Duck-typed on vmm.vcpu.Vcpu (get_one_reg/set_one_reg/get_msrs/set_msrs), so this module keeps
+# importing without the compiled bindings.
+
+MSR_EFER = 0xC0000080
+_KVM_CAP_ONE_REG = 70  # checked against the header in tests/test_regs.py
+
+
+class RegisterAccess:
+    """Get/set registers by id on one vCPU: through KVM_GET/SET_ONE_REG when this kernel has x86
+    ONE_REG (KVM_CAP_ONE_REG and a probe read of EFER by id succeed), else through
+    KVM_GET/SET_MSRS for MSR ids. The caller does not care which; `via` says which was used."""
+
+    def __init__(self, vcpu, prefer_one_reg=True):
+        self.vcpu = vcpu
+        self.one_reg = prefer_one_reg and self.probe_one_reg(vcpu)
+        self.via = "ONE_REG" if self.one_reg else "KVM_GET/SET_MSRS"
+
+    @staticmethod
+    def probe_one_reg(vcpu):
+        from .errors import KvmError
+        if not vcpu.vm.kvm.check_extension(_KVM_CAP_ONE_REG):
+            return False
+        try:
+            vcpu.get_one_reg(msr(MSR_EFER))
+        except KvmError:
+            return False  # x86 ONE_REG arrived in 6.18; older kernels answer EINVAL/ENOENT
+        return True
+
+    def _explain(self, e, reg_id):
+        """Rewrite a KVM error on a register into one that says which register and why."""
+        from .errors import KvmError
+        rid = decode(reg_id)
+        name = name_of(reg_id)
+        if rid.kind == "kvm" and rid.index == KVM_REG_GUEST_SSP:
+            cpuid = getattr(self.vcpu, "cpuid", None)
+            shstk = cpuid is not None and cpuid.has("SHSTK")
+            why = ("KVM exposes GUEST_SSP only to a vCPU whose guest CPUID has SHSTK (CET shadow stacks); "
+                   + ("this guest's CPUID has SHSTK, so this KVM/host lacks CET support"
+                      if shstk else "this guest's CPUID has no SHSTK"))
+        elif rid.kind == "msr":
+            why = (f"KVM does not let this vCPU access {name} (unknown to KVM, or its feature is absent "
+                   "from the guest CPUID)")
+        else:
+            why = f"KVM does not know {name}"
+        return KvmError(e.ioctl, e.errno, hint=why, detail=name)
+
+    def _no_one_reg(self, reg_id, ioctl):
+        from .errors import KvmError
+        return KvmError(ioctl, _errno.ENOTTY, hint="this kernel has no x86 ONE_REG (Linux 6.18+), and "
+                        f"{name_of(reg_id)} has no other interface", detail=name_of(reg_id))
+
+    def get(self, reg_id):
+        from .errors import KvmError
+        rid = decode(reg_id)
+        if not self.one_reg and rid.kind != "msr":
+            raise self._no_one_reg(reg_id, "KVM_GET_ONE_REG")
+        try:
+            if self.one_reg:
+                return self.vcpu.get_one_reg(reg_id)
+            return self.vcpu.get_msrs([rid.index])[rid.index]
+        except KvmError as e:
+            raise self._explain(e, reg_id) from None
+
+    def set(self, reg_id, value):
+        from .errors import KvmError
+        rid = decode(reg_id)
+        value = _check_u64(value, "value")
+        if not self.one_reg and rid.kind != "msr":
+            raise self._no_one_reg(reg_id, "KVM_SET_ONE_REG")
+        try:
+            if self.one_reg:
+                return self.vcpu.set_one_reg(reg_id, value)
+            self.vcpu.set_msrs({rid.index: value})
+        except KvmError as e:
+            raise self._explain(e, reg_id) from None
+
+    def readable_msrs(self, indices):
+        """{index: value} for the MSRs of `indices` this vCPU can read; the rest are left out."""
+        from .errors import KvmError
+        out = {}
+        for i in indices:
+            try:
+                out[i] = self.get(msr(i))
+            except KvmError:
+                pass
+        return out
