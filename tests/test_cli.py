@@ -78,7 +78,7 @@ def test_reg_get_and_list_json():
     assert [x["name"] for x in d["registers"]] == ["MSR_EFER", "MSR_STAR"]
     assert int(d["registers"][0]["value"], 16) & 0x500 == 0x500  # LME | LMA: the guest is in long mode
     d = json.loads(vmm("reg", "list", "sync", "--json").stdout)
-    assert d["reg_list"] == [] and any(x["name"] == "MSR_EFER" for x in d["registers"])
+    assert d["reg_list"] == [] and any(x["name"] == "MSR_LSTAR" for x in d["registers"])
 
 
 def test_reg_get_guest_ssp_says_why():
