@@ -14,6 +14,7 @@ class GuestMemory:
             raise ValueError(f"guest memory size must be a positive multiple of {mmap.PAGESIZE}: {size}")
         self.size = size
         self.gpa = gpa
+        self.anonymous = fileobj is None
         if fileobj is None:
             self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)

@@ -6,9 +6,12 @@ import os
 
 from ._bindings import ffi, ioctl, lib
 from .cstructs import Regs, Sregs
-from .errors import KvmError
+from .errors import KvmError, StateError
+from .xsave import SSE, SSE_COMPONENT, X87, X87_COMPONENT, XsaveError, XsaveLayout, validate_for_set
 
 XSAVE_LEGACY_SIZE = 4096  # sizeof(struct kvm_xsave): the most legacy KVM_GET_XSAVE can carry
+XCR0_X87_SSE = 0x3
+MXCSR_DEFAULT_MASK = 0xFFBF  # what MXCSR_MASK = 0 stands for
 
 
 class Vcpu:
@@ -16,6 +19,7 @@ class Vcpu:
         self.vm = vm
         self.fd = fd
         self.id = vcpu_id
+        self.cpuid = None  # the table last given to KVM_SET_CPUID2 (KVM_GET_CPUID2 may differ)
         size = vm.kvm.get_vcpu_mmap_size()
         self._run_mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_buf = ffi.from_buffer(self._run_mm)
@@ -192,16 +196,36 @@ class Vcpu:
 
     # --- XSAVE --------------------------------------------------------------------------------
     def xsave_size(self):
-        """The XSAVE buffer size for this vCPU, discovered (never cached): KVM_CAP_XSAVE2 on the
-        VM fd, or 4096 when the kernel predates it."""
-        return self.vm.xsave2_size() or XSAVE_LEGACY_SIZE
+        """Bytes of this vCPU's XSAVE area, as KVM_GET_XSAVE2 fills and KVM_SET_XSAVE reads it.
 
-    def get_xsave2(self, size=None):
-        """KVM_GET_XSAVE2 into a buffer of the discovered size; returns bytes."""
-        size = size or self.vm.xsave2_size()
-        if size < XSAVE_LEGACY_SIZE:
+        Asked anew on every call, never cached: KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM fd
+        grows after an arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM) and is read again after any
+        KVM_SET_CPUID2. Cross-checked against max(4096, CPUID.(0DH,0).ECX) of
+        KVM_GET_SUPPORTED_CPUID, which KVM computes from the same permitted XCR0. 4096 (struct
+        kvm_xsave) when the kernel predates KVM_CAP_XSAVE2."""
+        return self._xsave_limits()[0]
+
+    def _xsave_limits(self):
+        """(size, supported CPUID), both read now; StateError when KVM contradicts itself."""
+        cap = self.vm.xsave2_size()
+        supported = self.vm.kvm.get_supported_cpuid()
+        if not cap:
+            return XSAVE_LEGACY_SIZE, supported
+        d0 = supported.entry(0xD, 0)
+        if d0 is not None and cap != max(XSAVE_LEGACY_SIZE, d0.ecx):
+            raise StateError(
+                f"KVM_CAP_XSAVE2 on the VM fd says the XSAVE area is {cap} bytes, but "
+                f"KVM_GET_SUPPORTED_CPUID says max({XSAVE_LEGACY_SIZE}, CPUID.(0DH,0).ECX = {d0.ecx}) = "
+                f"{max(XSAVE_LEGACY_SIZE, d0.ecx)}: the permitted XSAVE features changed between the two "
+                "reads (an arch_prctl permission request in another thread?)")
+        return cap, supported
+
+    def get_xsave2(self):
+        """KVM_GET_XSAVE2 into a buffer of xsave_size() bytes (KVM writes exactly that many)."""
+        if not self.vm.xsave2_size():
             raise KvmError("KVM_GET_XSAVE2", errno.ENOTTY,
                            hint="KVM_CAP_XSAVE2 is absent on this kernel: use get_xsave_legacy()")
+        size = self.xsave_size()
         buf = ffi.new("char[]", size)
         ioctl(self.fd, "KVM_GET_XSAVE2", buf)
         return bytes(ffi.buffer(buf))
@@ -218,19 +242,36 @@ class Vcpu:
         return bytes(ffi.buffer(c))
 
     def get_xsave(self):
-        """The XSAVE area: KVM_GET_XSAVE2 when the capability exists, else legacy KVM_GET_XSAVE."""
+        """The XSAVE area: KVM_GET_XSAVE2 when the capability exists, else legacy KVM_GET_XSAVE
+        (which refuses state larger than 4096 bytes)."""
         if self.vm.xsave2_size():
             return self.get_xsave2()
         return self.get_xsave_legacy()
 
     def set_xsave(self, raw):
-        """KVM_SET_XSAVE of a buffer of exactly the discovered size (callers validate contents first)."""
-        size = self.xsave_size()
-        if len(raw) != size:
-            raise KvmError("KVM_SET_XSAVE", errno.EINVAL, detail=f"{len(raw)} bytes",
-                           hint=f"this vCPU's XSAVE area is {size} bytes (KVM_CAP_XSAVE2), got {len(raw)}")
+        """KVM_SET_XSAVE, after the checks KVM makes, against the host layout and XCR0 of
+        KVM_GET_SUPPORTED_CPUID read now (xsave.validate_for_set): size = xsave_size(),
+        XCOMP_BV = 0, reserved header bytes zero, XSTATE_BV within the supported XCR0, MXCSR
+        within the MXCSR_MASK this vCPU reports. A buffer that fails raises XsaveError naming
+        each problem (and each offending component) and is not passed to KVM."""
+        raw = bytes(raw)
+        size, supported = self._xsave_limits()
+        if supported.xcr0_supported():
+            layout = XsaveLayout.from_cpuid(supported)
+        else:  # a host without XSAVE: KVM takes the FXSAVE image in the same buffer
+            layout = XsaveLayout({X87: X87_COMPONENT, SSE: SSE_COMPONENT}, XCR0_X87_SSE)
+        try:
+            validate_for_set(raw, layout, layout.xcr0_supported, expected_size=size,
+                             mxcsr_feature_mask=self._mxcsr_feature_mask())
+        except XsaveError as e:
+            raise XsaveError(f"KVM_SET_XSAVE not attempted: {e}", e.problems) from None
         buf = ffi.new("char[]", raw)
         ioctl(self.fd, "KVM_SET_XSAVE", buf)
+
+    def _mxcsr_feature_mask(self):
+        """MXCSR bits the host allows: MXCSR_MASK of this vCPU's FXSAVE image (0 means 0xFFBF, SDM
+        vol. 1, 11.6.6). KVM rejects MXCSR values outside the host's mask."""
+        return int.from_bytes(self.get_xsave()[28:32], "little") or MXCSR_DEFAULT_MASK
 
     # --- lifetime -----------------------------------------------------------------------------
     def close(self):

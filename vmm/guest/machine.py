@@ -1,6 +1,7 @@
 """Machine: a VM with the guest runtime installed and vCPUs ready at the payload's entry."""
 
 from .. import kvm as kvm_mod
+from .._bindings import lib
 from . import catalog, runtime
 from .runner import Runner
 
@@ -19,7 +20,7 @@ class Machine:
     """Builds a VM for a guest image. Use as a context manager; `kvm` may be shared."""
 
     def __init__(self, guest="hello", cpl=3, memory=runtime.DEFAULT_MEMORY, vcpus=1, kvm=None,
-                 cpuid=None, xcr0=None, device=kvm_mod.DEFAULT_DEVICE, on_console=None, irqchip=False):
+                 cpuid=None, xcr0=None, device=kvm_mod.DEFAULT_DEVICE, on_console=None, irqchip=True):
         if memory < runtime.MIN_MEMORY:
             raise ValueError(f"guest memory must be at least {runtime.MIN_MEMORY >> 20} MiB")
         self.image = guest if isinstance(guest, catalog.Image) else catalog.load(guest)
@@ -62,6 +63,31 @@ class Machine:
         vcpu.set_regs(st.regs)
         if xsave and self.xcr0 & ~XCR0_X87_SSE:
             vcpu.set_xcrs({0: self.xcr0})
+        if index:
+            # with an in-kernel LAPIC, APs wait for INIT/SIPI; ours start at the entry like the BSP
+            vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+
+    @classmethod
+    def from_snapshot(cls, snap, kvm=None, device=kvm_mod.DEFAULT_DEVICE, on_console=None):
+        """A Machine around a VM restored from a validated snapshot (vmm.snapshot.load)."""
+        from .. import snapshot
+        m = cls.__new__(cls)
+        m._own_kvm = kvm is None
+        m.kvm = kvm or kvm_mod.Kvm(device)
+        m.vm = None
+        try:
+            m.vm, m.vcpus = snapshot.restore(snap, m.kvm)
+        except BaseException:
+            m.close()
+            raise
+        g = snap.meta.get("guest", {})
+        m.image = catalog.Image(g.get("name", "snapshot"), b"")
+        m.cpl = g.get("cpl", 3)
+        m.cpuid = snap.guest_cpuid()
+        m.xcr0 = snap.vcpus[0].xcrs.get(0, 0)
+        m.memory = m.vm.memory[0]
+        m.runners = [Runner(m.vm, v, on_console) for v in m.vcpus]
+        return m
 
     @property
     def vcpu(self):

@@ -1,0 +1,140 @@
+"""`vmm snapshot`, `vmm restore`, `vmm inspect`: whole-VM snapshot files."""
+
+import os
+import struct
+import sys
+import time
+
+import click
+
+from .common import (EXIT_GUEST, EXIT_OK, _emit, console_echo, device_option, handle_errors, json_option,
+                     load_cpu, run_to_end, run_to_sync)
+
+
+@click.command("snapshot")
+@click.argument("guest")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Snapshot file to write.")
+@click.option("--at-sync", "at_sync", type=int, default=1, show_default=True,
+              help="Snapshot when every vCPU has reached its N-th SYNC.")
+@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--memory", "memory_mib", type=int, default=4, show_default=True, help="Guest RAM in MiB.")
+@click.option("--cpu", "cpu_file", type=click.Path(), default=None, help="Guest CPUID JSON (vmm baseline).")
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@device_option
+@json_option
+@handle_errors
+def snapshot_cmd(guest, output, at_sync, vcpus, memory_mib, cpu_file, timeout, device, as_json):
+    """Run GUEST to its N-th SYNC on every vCPU and write a snapshot of the whole VM to FILE."""
+    from .. import snapshot, state
+    from ..guest.machine import Machine
+    if at_sync < 1 or vcpus < 1:
+        raise ValueError("--at-sync and --vcpus must be at least 1")
+    with Machine(guest, vcpus=vcpus, memory=memory_mib << 20, cpuid=load_cpu(cpu_file), device=device,
+                 on_console=console_echo(as_json)) as m:
+        for i in range(vcpus):
+            run_to_sync(m, at_sync, timeout, vcpu=i)
+        t0 = time.monotonic()
+        states = [state.save_state(v) for v in m.vcpus]
+        size = snapshot.save(output, m.kvm, m.vm, m.vcpus, states,
+                             guest={"name": m.image.name, "cpl": m.cpl},
+                             extra_meta={"at_sync": at_sync})
+        seconds = time.monotonic() - t0
+    on_disk = os.stat(output).st_blocks * 512
+    info = {"file": output, "guest": m.image.name, "at_sync": at_sync, "vcpus": vcpus,
+            "memory_bytes": memory_mib << 20, "file_size": size, "allocated_bytes": on_disk,
+            "seconds": round(seconds, 4)}
+    if as_json:
+        _emit(info)
+    else:
+        click.echo(f"snapshot of {m.image.name} at SYNC {at_sync} ({vcpus} vCPU{'s' * (vcpus > 1)}, "
+                   f"{memory_mib} MiB RAM) -> {output}: {size} bytes, {on_disk} allocated, "
+                   f"{seconds * 1000:.1f} ms")
+
+
+@click.command("restore")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@device_option
+@json_option
+@handle_errors
+def restore_cmd(file, timeout, device, as_json):
+    """Restore FILE in this process and run every vCPU to its end (exit 0 when all are DONE)."""
+    from .. import snapshot
+    from ..guest.machine import Machine
+    from ..guest.runner import Done
+    snap = snapshot.load(file)  # every check before any VM exists
+    t0 = time.monotonic()
+    with Machine.from_snapshot(snap, device=device, on_console=console_echo(as_json)) as m:
+        restore_ms = (time.monotonic() - t0) * 1000
+        identical = [v.get_xsave() == s.xsave for v, s in zip(m.vcpus, snap.vcpus)]
+        results = []
+        for i in range(len(m.vcpus)):
+            ev, syncs = run_to_end(m, timeout, as_json, vcpu=i)
+            results.append((ev, syncs))
+            if not as_json:
+                click.echo(f"vcpu {i}: {ev}" if len(m.vcpus) > 1 else str(ev))
+        console = m.console
+    ok = all(isinstance(ev, Done) for ev, _ in results)
+    if as_json:
+        _emit({"file": file, "restore_ms": round(restore_ms, 3), "xsave_identical": identical,
+               "console": console,
+               "vcpus": [{"exit": ev.to_json(), "syncs": [hex(s) for s in syncs]} for ev, syncs in results]})
+    elif not all(identical):
+        click.echo("warning: the XSAVE area after restore differs from the saved one", err=True)
+    sys.exit(EXIT_OK if ok and all(identical) else EXIT_GUEST)
+
+
+@click.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False))
+@json_option
+@handle_errors
+def inspect_cmd(file, as_json):
+    """Print what a snapshot holds, without touching KVM (the file is fully validated)."""
+    from .. import snapshot
+    snap = snapshot.load(file)
+    meta = snap.meta
+    vcpus = []
+    for i, s in enumerate(snap.vcpus):
+        xstate_bv = struct.unpack_from("<Q", s.xsave, 512)[0]
+        vcpus.append({"vcpu": i, "rip": hex(s.regs.rip), "cpl": s.sregs.cpl, "xcr0": hex(s.xcrs.get(0, 0)),
+                      "xstate_bv": hex(xstate_bv), "xsave_bytes": len(s.xsave), "msrs": len(s.msrs),
+                      "lapic": s.lapic is not None, "tsc_khz": s.tsc_khz})
+    mem = [{"slot": m["slot"], "gpa": hex(m["gpa"]), "size": m["size"],
+            "stored_bytes": sum(n for _, n, _ in m["extents"]), "extents": len(m["extents"])}
+           for m in snap.memory]
+    host = meta.get("host", {})
+    info = {"file": file, "format": f"{snap.major}.{snap.minor}", "created": meta.get("created"),
+            "guest": meta.get("guest"), "at_sync": meta.get("at_sync"),
+            "irqchip": meta["vm"]["irqchip"], "vcpus": vcpus, "memory": mem,
+            "host": {"kernel": host.get("kernel"), "vendor": host.get("vendor"), "pvm": host.get("pvm")},
+            "guest_cpuid_features": sorted(snap.guest_cpuid().features()),
+            "kvm_cpuid_differs": _kvm_cpuid_diff(snap.vcpus[0]) if snap.vcpus else [],
+            "sections": [{"tag": s.tag, "offset": s.offset, "length": s.length} for s in snap.sections.values()]}
+    if as_json:
+        _emit(info)
+        return
+    g = meta.get("guest", {})
+    click.echo(f"{file}: vmm snapshot format {info['format']}, created {info['created']}")
+    click.echo(f"guest       {g.get('name')} (cpl {g.get('cpl')}) at SYNC {info['at_sync']}")
+    click.echo(f"source host {host.get('vendor')}, Linux {host.get('kernel')}{', PVM' if host.get('pvm') else ''}")
+    click.echo(f"irqchip     {'in-kernel' if info['irqchip'] else 'none'}")
+    for v in vcpus:
+        click.echo(f"vcpu {v['vcpu']}      rip {v['rip']} cpl {v['cpl']} XCR0 {v['xcr0']} XSTATE_BV {v['xstate_bv']} "
+                   f"XSAVE {v['xsave_bytes']} bytes, {v['msrs']} MSRs{', LAPIC' if v['lapic'] else ''}")
+    for m in mem:
+        click.echo(f"memory {m['slot']}    {m['size'] >> 20} MiB at {m['gpa']}: {m['stored_bytes']} bytes stored "
+                   f"in {m['extents']} extents")
+    click.echo(f"guest CPUID {len(info['guest_cpuid_features'])} named features: "
+               + " ".join(info["guest_cpuid_features"]))
+    if info["kvm_cpuid_differs"]:
+        click.echo("KVM_GET_CPUID2 differs from the CPUID set: " + " ".join(info["kvm_cpuid_differs"]))
+
+
+def _kvm_cpuid_diff(s):
+    if s.cpuid_kvm is None:
+        return []
+    mine, kvms = s.cpuid.features(), s.cpuid_kvm.features()
+    return [f"+{f}" for f in sorted(kvms - mine)] + [f"-{f}" for f in sorted(mine - kvms)]
+
+
+COMMANDS = [snapshot_cmd, restore_cmd, inspect_cmd]

@@ -1,0 +1,256 @@
+"""VcpuState: everything KVM holds for one vCPU, saved and restored in one documented order.
+
+Restore order, and why (each step names the constraint it satisfies):
+  1. KVM_SET_CPUID2       first: KVM checks CR4, XCR0, XSAVE contents and MSR writes against the guest
+                          CPUID, and AMX state needs the CPUID that exposes it (older kernels also
+                          rejected KVM_SET_XSAVE after a narrower CPUID).
+  2. KVM_SET_TSC_KHZ      before anything derived from the TSC rate (only when it differs).
+  3. KVM_SET_SREGS        control registers, EFER and the APIC base before the state that depends on them.
+  4. KVM_SET_LAPIC        (in-kernel irqchip only) before the MSRs: KVM drops a write of
+                          MSR_IA32_TSC_DEADLINE unless the LAPIC timer is already in TSC-deadline mode.
+  5. KVM_SET_MSRS         the MSR set saved, TSC deadline last.
+  6. KVM_SET_XCRS         XCR0 before the XSAVE image that it governs.
+  7. KVM_SET_XSAVE        the extended state (sized by discovery, never 4096 by assumption).
+  8. KVM_SET_VCPU_EVENTS, KVM_SET_MP_STATE, KVM_SET_DEBUGREGS
+  9. KVM_SET_REGS         last: RIP/RFLAGS/GPRs exactly as saved.
+
+Save first completes pending I/O (KVM_RUN with immediate_exit), so an `in` the guest is waiting on
+is finished and RIP is past it; the saved state then needs no exit to be replayed.
+"""
+
+import errno
+from dataclasses import dataclass
+
+from ._bindings import lib
+from .cpuid import CpuidTable
+from .cstructs import Regs, Sregs, Segment, DTable
+from .errors import KvmError, StateError
+
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
+MSR_IA32_XSS = 0xDA0
+MSR_IA32_XFD = 0x1C4
+MSR_IA32_XFD_ERR = 0x1C5
+MSR_TSC_AUX = 0xC0000103
+MSR_IA32_U_CET, MSR_IA32_S_CET = 0x6A0, 0x6A2
+CET_SSP_MSRS = (0x6A4, 0x6A5, 0x6A6, 0x6A7, 0x6A8)  # PL0-3_SSP, INT_SSP_TAB
+
+# MSRs that exist for a guest only when its CPUID gives it the feature: saved and restored only
+# then, so no state is generated for a feature the guest was not given.
+FEATURE_GATED_MSRS = {
+    MSR_IA32_XFD: ("XFD",),
+    MSR_IA32_XFD_ERR: ("XFD",),
+    MSR_IA32_XSS: ("XSAVES",),
+    MSR_TSC_AUX: ("RDTSCP", "RDPID"),
+    MSR_IA32_U_CET: ("SHSTK", "IBT"),
+    MSR_IA32_S_CET: ("SHSTK", "IBT"),
+    **{m: ("SHSTK",) for m in CET_SSP_MSRS},
+}
+
+
+def gated_msrs(cpuid):
+    """The feature-gated MSRs this guest CPUID has (any of the listed features suffices)."""
+    return sorted(m for m, feats in FEATURE_GATED_MSRS.items() if any(cpuid.has(f) for f in feats))
+
+
+@dataclass
+class VcpuState:
+    cpuid: CpuidTable
+    mp_state: int
+    regs: Regs
+    sregs: Sregs
+    xsave: bytes
+    xcrs: dict
+    msrs: dict
+    events: bytes
+    debugregs: bytes
+    lapic: bytes = None
+    tsc_khz: int = 0
+    # KVM_GET_CPUID2 when it differs from the CPUID userspace set (seen on PVM hosts, which add
+    # host features): a diagnostic; restore sets `cpuid`, the table the guest was given.
+    cpuid_kvm: CpuidTable = None
+
+    # --- JSON (hex strings for values, as the rest of the project) ------------------------------
+    def to_json(self):
+        return {
+            "cpuid": self.cpuid.to_json(),
+            "mp_state": self.mp_state,
+            "regs": self.regs.to_json(),
+            "sregs": _sregs_to_json(self.sregs),
+            "xsave": self.xsave.hex(),
+            "xcrs": {hex(k): hex(v) for k, v in sorted(self.xcrs.items())},
+            "msrs": {hex(k): hex(v) for k, v in self.msrs.items()},
+            "events": self.events.hex(),
+            "debugregs": self.debugregs.hex(),
+            "lapic": self.lapic.hex() if self.lapic is not None else None,
+            "tsc_khz": self.tsc_khz,
+            "cpuid_kvm": self.cpuid_kvm.to_json() if self.cpuid_kvm is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, d):
+        try:
+            return cls(
+                cpuid=CpuidTable.from_json(d["cpuid"]),
+                mp_state=int(d["mp_state"]),
+                regs=Regs(**{k: int(v, 16) for k, v in d["regs"].items()}),
+                sregs=_sregs_from_json(d["sregs"]),
+                xsave=bytes.fromhex(d["xsave"]),
+                xcrs={int(k, 16): int(v, 16) for k, v in d["xcrs"].items()},
+                msrs={int(k, 16): int(v, 16) for k, v in d["msrs"].items()},
+                events=bytes.fromhex(d["events"]),
+                debugregs=bytes.fromhex(d["debugregs"]),
+                lapic=bytes.fromhex(d["lapic"]) if d.get("lapic") is not None else None,
+                tsc_khz=int(d.get("tsc_khz", 0)),
+                cpuid_kvm=CpuidTable.from_json(d["cpuid_kvm"]) if d.get("cpuid_kvm") else None,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StateError(f"malformed vCPU state: {type(e).__name__}: {e}") from None
+
+
+def _sregs_to_json(s):
+    d = {}
+    for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+        d[name] = {k: hex(v) for k, v in vars(getattr(s, name)).items()}
+    for name in ("gdt", "idt"):
+        d[name] = {k: hex(v) for k, v in vars(getattr(s, name)).items()}
+    for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+        d[name] = hex(getattr(s, name))
+    d["interrupt_bitmap"] = [hex(v) for v in s.interrupt_bitmap]
+    return d
+
+
+def _sregs_from_json(d):
+    s = Sregs()
+    for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+        setattr(s, name, Segment(**{k: int(v, 16) for k, v in d[name].items()}))
+    for name in ("gdt", "idt"):
+        setattr(s, name, DTable(**{k: int(v, 16) for k, v in d[name].items()}))
+    for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+        setattr(s, name, int(d[name], 16))
+    s.interrupt_bitmap = [int(v, 16) for v in d["interrupt_bitmap"]]
+    return s
+
+
+# --- save ------------------------------------------------------------------------------------------
+def complete_pending_io(vcpu):
+    """KVM_RUN with immediate_exit: KVM finishes an in-flight PIO/MMIO (an `in` gets its data,
+    RIP moves past the instruction) and returns EINTR without running guest code."""
+    run = vcpu.kvm_run
+    run.immediate_exit = 1
+    try:
+        vcpu.run()
+    finally:
+        run.immediate_exit = 0
+
+
+def saveable_msrs(vcpu, cpuid):
+    """The MSRs this vCPU's state consists of: KVM_GET_MSR_INDEX_LIST minus what this vCPU cannot
+    read, minus feature-gated MSRs the guest was not given, plus the gated ones it was."""
+    gated = set(FEATURE_GATED_MSRS)
+    want = [m for m in vcpu.vm.kvm.get_msr_index_list() if m not in gated] + gated_msrs(cpuid)
+    readable = []
+    # KVM_GET_MSRS stops at the first MSR it cannot read: drop that one and go on from there
+    pending = want
+    while pending:
+        try:
+            vcpu.get_msrs(pending)
+            readable += pending
+            break
+        except KvmError as e:
+            if e.ioctl != "KVM_GET_MSRS" or e.errno != errno.EINVAL:
+                raise
+            n = _stopped_at(vcpu, pending)
+            readable += pending[:n]
+            pending = pending[n + 1:]
+    return readable
+
+
+def _stopped_at(vcpu, indices):
+    for i, m in enumerate(indices):
+        try:
+            vcpu.get_msrs([m])
+        except KvmError:
+            return i
+    return len(indices)
+
+
+def save_state(vcpu, msr_indices=None):
+    """Everything KVM holds for this vCPU, in the order KVM's selftests read it."""
+    complete_pending_io(vcpu)
+    kvm_cpuid = vcpu.get_cpuid2()
+    cpuid = vcpu.cpuid if vcpu.cpuid is not None else kvm_cpuid
+    msr_indices = msr_indices if msr_indices is not None else saveable_msrs(vcpu, cpuid)
+    msrs = vcpu.get_msrs(msr_indices)
+    # TSC deadline goes last so that restore writes it after the LAPIC
+    if MSR_IA32_TSC_DEADLINE in msrs:
+        msrs[MSR_IA32_TSC_DEADLINE] = msrs.pop(MSR_IA32_TSC_DEADLINE)
+    return VcpuState(
+        cpuid=cpuid,
+        mp_state=vcpu.get_mp_state(),
+        regs=vcpu.get_regs(),
+        sregs=vcpu.get_sregs(),
+        xsave=vcpu.get_xsave(),
+        xcrs=vcpu.get_xcrs(),
+        msrs=msrs,
+        events=vcpu.get_vcpu_events(),
+        debugregs=vcpu.get_debugregs(),
+        lapic=vcpu.get_lapic() if vcpu.vm.has_irqchip else None,
+        tsc_khz=vcpu.get_tsc_khz(),
+        cpuid_kvm=None if kvm_cpuid == cpuid else kvm_cpuid,
+    )
+
+
+# --- restore ---------------------------------------------------------------------------------------
+def check_restorable(vcpu, state):
+    """Refuse, before any ioctl, state this vCPU cannot take."""
+    size = vcpu.xsave_size()
+    if len(state.xsave) != size:
+        raise StateError(f"the saved XSAVE area is {len(state.xsave)} bytes but this vCPU's is {size} "
+                         "(KVM_CAP_XSAVE2): the source host had a different XSAVE size (AMX permission?)")
+    gated = set(FEATURE_GATED_MSRS)
+    allowed = set(gated_msrs(state.cpuid))
+    stray = sorted(m for m in state.msrs if m in gated and m not in allowed)
+    if stray:
+        raise StateError("the state carries MSRs for features its guest CPUID does not have: "
+                         + ", ".join(f"0x{m:x} ({'/'.join(FEATURE_GATED_MSRS[m])})" for m in stray))
+    if state.lapic is not None and not vcpu.vm.has_irqchip:
+        raise StateError("the state has LAPIC registers but this VM has no in-kernel irqchip")
+
+
+def restore_state(vcpu, state, order=None):
+    """Load `state` into `vcpu` in the documented order (see the module docstring).
+
+    `order` exists for the test that demonstrates why the order matters; callers leave it None."""
+    check_restorable(vcpu, state)
+    msrs = dict(state.msrs)
+    deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
+    steps = {
+        "cpuid": lambda: vcpu.set_cpuid2(state.cpuid),
+        "tsc_khz": lambda: _set_tsc_khz(vcpu, state.tsc_khz),
+        "sregs": lambda: vcpu.set_sregs(state.sregs),
+        "lapic": lambda: state.lapic is not None and vcpu.set_lapic(state.lapic),
+        "msrs": lambda: msrs and vcpu.set_msrs(msrs),
+        "tsc_deadline": lambda: deadline is not None and vcpu.set_msrs({MSR_IA32_TSC_DEADLINE: deadline}),
+        "xcrs": lambda: vcpu.set_xcrs(state.xcrs),
+        "xsave": lambda: vcpu.set_xsave(state.xsave),
+        "events": lambda: vcpu.set_vcpu_events(state.events),
+        "mp_state": lambda: vcpu.set_mp_state(state.mp_state),
+        "debugregs": lambda: vcpu.set_debugregs(state.debugregs),
+        "regs": lambda: vcpu.set_regs(state.regs),
+    }
+    for step in order or RESTORE_ORDER:
+        steps[step]()
+
+
+RESTORE_ORDER = ("cpuid", "tsc_khz", "sregs", "lapic", "msrs", "tsc_deadline", "xcrs", "xsave",
+                 "events", "mp_state", "debugregs", "regs")
+
+
+def _set_tsc_khz(vcpu, khz):
+    if not khz or vcpu.get_tsc_khz() == khz:
+        return
+    if not vcpu.vm.kvm.check_extension(lib.KVM_CAP_TSC_CONTROL):
+        raise StateError(f"the guest ran with a {khz} kHz TSC, this host's is {vcpu.get_tsc_khz()} kHz "
+                         "and KVM cannot scale it here (no KVM_CAP_TSC_CONTROL)")
+    vcpu.set_tsc_khz(khz)
