@@ -228,8 +228,29 @@ def _read_header(f, size, path):
         if off + length > size:
             raise SnapshotError(f"{path}: truncated: section {tag!r} needs bytes up to {off + length}, "
                                 f"the file has {size}")
+        if tag in sections:
+            raise SnapshotError(f"{path}: section {tag!r} appears twice")
         sections[tag] = Section(tag, off, length, scrc, flags)
+    # no byte may escape a checksum: padding between sections is zero, nothing follows the last
+    pos = HEADER_SIZE
+    for sec in sorted(sections.values(), key=lambda x: x.offset):
+        if sec.offset < pos:
+            raise SnapshotError(f"{path}: section {sec.tag!r} overlaps the one before it")
+        _check_zero_file(f, pos, sec.offset, path)
+        pos = sec.offset + sec.length
+    end = _align(pos)
+    if size != end:
+        raise SnapshotError(f"{path}: {size} bytes, the sections end at {end}: "
+                            + ("truncated" if size < end else "trailing data"))
+    _check_zero_file(f, pos, end, path)
     return major, minor, sections
+
+
+def _check_zero_file(f, a, b, path):
+    if b > a:
+        f.seek(a)
+        if f.read(b - a).count(0) != b - a:
+            raise SnapshotError(f"{path}: non-zero padding at offset {a}..{b}: the file is corrupt")
 
 
 def _json_section(f, sec, path):

@@ -1,0 +1,168 @@
+"""Snapshot files: two-process save/restore, and every kind of bad file refused before any VM."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from vmm import snapshot, state
+from vmm.cpuid import CpuidTable
+from vmm.guest.machine import Machine
+from vmm.snapshot import SnapshotError
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def vmm(*args):
+    return subprocess.run([sys.executable, "-m", "vmm.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def snap_file(tmp_path_factory):
+    """A snapshot of the checkpoint guest with two vCPUs, written by a separate `vmm` process."""
+    from conftest import _require_kvm
+    _require_kvm()
+    path = tmp_path_factory.mktemp("snap") / "s.snap"
+    r = vmm("snapshot", "checkpoint", "--vcpus", "2", "-o", str(path))
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+@pytest.mark.kvm
+def test_snapshot_then_restore_in_another_process_is_done(snap_file):
+    r = vmm("restore", str(snap_file), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["xsave_identical"] == [True, True]
+    assert [v["exit"]["event"] for v in d["vcpus"]] == ["done", "done"]
+
+
+@pytest.mark.kvm
+def test_inspect_needs_no_kvm_and_tells_what_is_inside(snap_file):
+    d = json.loads(vmm("inspect", str(snap_file), "--json").stdout)
+    assert d["guest"]["name"] == "checkpoint" and len(d["vcpus"]) == 2
+    assert d["vcpus"][0]["cpl"] == 3 and d["memory"][0]["size"] == 4 << 20
+    assert 0 < d["memory"][0]["stored_bytes"] < 1 << 20  # sparse: zero pages are not stored
+
+
+@pytest.mark.kvm
+def test_memory_is_mapped_from_the_file_not_copied(snap_file, kvm):
+    snap = snapshot.load(str(snap_file))
+    with Machine.from_snapshot(snap, kvm=kvm) as m:
+        assert not m.memory.anonymous  # a MAP_PRIVATE view of the snapshot file
+        assert m.vm.read(0x310000, 8) == (0).to_bytes(8, "little")  # qword 0 of vCPU 0's pattern
+
+
+def _corrupt(tmp_path, snap_file, edit):
+    data = bytearray(snap_file.read_bytes())
+    edit(data)
+    p = tmp_path / "bad.snap"
+    p.write_bytes(bytes(data))
+    return p
+
+
+def _rehead(data):
+    struct.pack_into("<I", data, 4092, zlib.crc32(bytes(data[:4092])))
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("name, edit, message", [
+    ("truncated", lambda d: d.__delitem__(slice(len(d) - 4096, None)), "truncated"),
+    ("tiny", lambda d: d.__delitem__(slice(100, None)), "truncated"),
+    ("magic", lambda d: d.__setitem__(slice(0, 8), b"NOTSNAP\0"), "not a vmm snapshot"),
+    ("newer", lambda d: (struct.pack_into("<H", d, 8, 2), _rehead(d)), "newer vmm"),
+    ("header", lambda d: d.__setitem__(20, d[20] ^ 0x40), "header checksum"),
+    ("trailing", lambda d: d.extend(b"x"), "trailing data"),
+])
+def test_bad_files_are_refused_with_the_reason(tmp_path, snap_file, name, edit, message):
+    with pytest.raises(SnapshotError, match=message):
+        snapshot.load(str(_corrupt(tmp_path, snap_file, edit)))
+
+
+@pytest.mark.kvm
+def test_one_flipped_byte_anywhere_is_caught(tmp_path, snap_file):
+    """Every region of the file: header, each JSON section and its padding, memory extents and the
+    holes between them. A flip turns a zero into non-zero or changes checksummed bytes."""
+    snap = snapshot.load(str(snap_file))
+    size = snap_file.stat().st_size
+    mem = snap.sections["mem.0"]
+    ext = snap.memory[0]["extents"]
+    offsets = {0, 9, 4095}
+    for sec in snap.sections.values():
+        offsets |= {sec.offset, sec.offset + sec.length // 2, sec.offset + sec.length - 1,
+                    min(sec.offset + sec.length + 1, size - 1)}  # the padding after it
+    offsets |= {mem.offset + off + n // 2 for off, n, _ in ext}  # inside stored guest memory
+    offsets |= {mem.offset + mem.length - 8, mem.offset + 0x200000}  # holes (zero pages)
+    for off in sorted(offsets):
+        p = _corrupt(tmp_path, snap_file, lambda d: d.__setitem__(off, d[off] ^ 0x5A))
+        with pytest.raises(SnapshotError):
+            snapshot.load(str(p))
+
+
+@pytest.mark.kvm
+def test_a_host_that_cannot_provide_the_guest_is_told_what_is_missing(tmp_path, kvm):
+    """The guest CPUID of a Sapphire Rapids guest with AMX cannot be provided here: the refusal
+    lists vendor, features and XSAVE components, and comes before any VM is created."""
+    spr = CpuidTable.from_dump(os.path.join(DATA, "intel-sapphire-rapids-w7-2475x.txt"))
+    with Machine("sync", kvm=kvm) as m:
+        m.run(timeout=5)
+        s = state.save_state(m.vcpu)
+        s.cpuid = spr.guest_for_xcr0(0x602E7)
+        path = tmp_path / "spr.snap"
+        snapshot.save(str(path), kvm, m.vm, m.vcpus, [s])
+    snap = snapshot.load(str(path))
+    problems = "\n".join(snapshot.host_problems(snap, kvm))
+    assert "GenuineIntel" in problems and "AMX_TILE" in problems
+    assert "XTILEDATA (18)" in problems and "opmask (5) is 64@1088 in the snapshot, 64@832 here" in problems
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(SnapshotError, match="cannot restore"):
+        Machine.from_snapshot(snap, kvm=kvm)
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.kvm
+def test_failed_save_leaves_the_old_file_intact(tmp_path, kvm, monkeypatch):
+    path = tmp_path / "s.snap"
+    path.write_bytes(b"the old snapshot")
+    with Machine("sync", kvm=kvm) as m:
+        m.run(timeout=5)
+        s = state.save_state(m.vcpu)
+
+        def fail(fd):
+            raise OSError(5, "Input/output error")
+        monkeypatch.setattr(os, "fsync", fail)
+        with pytest.raises(OSError):
+            snapshot.save(str(path), kvm, m.vm, m.vcpus, [s])
+    assert path.read_bytes() == b"the old snapshot"
+    assert os.listdir(tmp_path) == ["s.snap"]  # no temporary file left behind
+
+
+@pytest.mark.kvm
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 2**31), st.integers(1, 255)), min_size=1, max_size=4),
+       st.sampled_from(["xor", "truncate", "insert"]))
+def test_fuzz_mutated_snapshots_give_only_clean_errors(tmp_path, snap_file, edits, how):
+    data = bytearray(snap_file.read_bytes())
+    seen = set()
+    for pos, val in edits:
+        pos %= len(data)
+        if pos in seen:  # two flips of one byte could cancel out
+            continue
+        seen.add(pos)
+        if how == "xor":
+            data[pos] ^= val
+        elif how == "truncate":
+            del data[pos:]
+            break
+        else:
+            data[pos:pos] = bytes([val])
+    p = tmp_path / "fuzz.snap"
+    p.write_bytes(bytes(data))
+    # every mutation changes the file, so every load must be refused, and only with SnapshotError
+    with pytest.raises(SnapshotError):
+        snapshot.load(str(p))

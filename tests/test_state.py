@@ -1,0 +1,116 @@
+"""vCPU state save/restore on real KVM: exact round trips, feature gating, and why the order matters."""
+
+import struct
+
+import pytest
+
+from vmm import state
+from vmm.errors import StateError
+from vmm.guest.machine import Machine
+from vmm.guest.runner import Done, Fail, Sync
+
+MSR_TSC, MSR_TSC_DEADLINE = 0x10, 0x6E0
+APIC_SVR, APIC_LVTT = 0xF0, 0x320
+LVT_TIMER_TSC_DEADLINE = 2 << 17
+
+
+def test_checkpoint_survives_save_and_restore_into_a_new_vm(machine):
+    """Guest fills registers and memory, SYNCs; the host moves it into a fresh VM; the guest checks
+    everything there and reports DONE (or FAIL naming the register)."""
+    src = machine("checkpoint")
+    assert src.run(timeout=10) == Sync(0, 1)
+    saved = state.save_state(src.vcpu)
+    dst = machine("hello")  # a different guest: everything must come from the saved state
+    dst.vm.write(0, src.vm.read(0, src.memory.size))
+    state.restore_state(dst.vcpu, saved)
+    assert dst.vcpu.get_xsave() == saved.xsave  # byte for byte
+    assert dst.vcpu.get_regs() == saved.regs
+    ev = dst.run(timeout=10)
+    assert isinstance(ev, Done), f"{ev} (FAIL codes: 0x1nn GPR, 0x2nn ZMM, 0x3nn K, 0x4nn x87, 0x500 memory)"
+
+
+def test_checkpoint_detects_a_corrupted_register(machine):
+    """The guest's own check is real: flip one bit of ZMM7 through the XSAVE area and it fails."""
+    m = machine("checkpoint")
+    m.run(timeout=10)
+    xs = bytearray(m.vcpu.get_xsave())
+    xs[160 + 16 * 7] ^= 1  # XMM7 = low 128 bits of ZMM7
+    m.vcpu.set_xsave(bytes(xs))
+    ev = m.run(timeout=10)
+    assert isinstance(ev, Fail) and ev.code == 0x207
+
+
+def test_state_json_round_trip(machine):
+    m = machine("avx512")
+    m.run(timeout=10)
+    s = state.save_state(m.vcpu)
+    assert state.VcpuState.from_json(s.to_json()) == s
+    with pytest.raises(StateError, match="malformed"):
+        state.VcpuState.from_json({"regs": {}})
+
+
+def test_feature_gated_msrs_follow_guest_cpuid(machine):
+    """XFD/XFD_ERR (and XSS, CET, TSC_AUX) are saved only when the guest CPUID has the feature;
+    restore refuses state that carries them for a guest without it."""
+    m = machine("sync")
+    m.run(timeout=5)
+    assert not m.cpuid.has("XFD")
+    s = state.save_state(m.vcpu)
+    assert state.MSR_IA32_XFD not in s.msrs and state.MSR_IA32_XFD_ERR not in s.msrs
+    assert set(state.gated_msrs(m.cpuid)) & set(s.msrs) == set(state.gated_msrs(m.cpuid)) & set(s.msrs)
+    s.msrs[state.MSR_IA32_XFD] = 0
+    with pytest.raises(StateError, match=r"0x1c4 \(XFD\)"):
+        state.restore_state(machine("sync").vcpu, s)
+
+
+def test_save_completes_pending_io(machine):
+    """A vCPU stopped on an `in` (the console LSR read) has its I/O completed by save: RIP is then
+    past the instruction, so the restored guest does not repeat it."""
+    from vmm._bindings import lib
+    m = machine("hello")
+    reason = m.vcpu.run()  # hello's first exit is the LSR read before its first character
+    assert reason == lib.KVM_EXIT_IO and m.vcpu.kvm_run.io.port == 0x3FD
+    rip_at_exit = m.vcpu.get_regs().rip  # still at the `in`: KVM completes it on the next entry
+    s = state.save_state(m.vcpu)
+    assert s.regs.rip == rip_at_exit + 1  # `in %dx, %al` is one byte
+
+
+def _arm_tsc_deadline(vcpu):
+    lapic = bytearray(vcpu.get_lapic())
+    struct.pack_into("<I", lapic, APIC_SVR, struct.unpack_from("<I", lapic, APIC_SVR)[0] | 0x100)
+    struct.pack_into("<I", lapic, APIC_LVTT, LVT_TIMER_TSC_DEADLINE | 0xEC)
+    vcpu.set_lapic(bytes(lapic))
+    deadline = vcpu.get_msrs([MSR_TSC])[MSR_TSC] + 10**13  # hours away: it must not fire
+    vcpu.set_msrs({MSR_TSC_DEADLINE: deadline})
+    return deadline
+
+
+def test_tsc_deadline_survives_only_with_the_lapic_restored_first(kvm):
+    """KVM drops a write of MSR_IA32_TSC_DEADLINE while the LAPIC timer is not in TSC-deadline mode.
+    Restoring MSRs before the LAPIC therefore loses an armed deadline; our order keeps it."""
+    with Machine("sync", kvm=kvm) as src:
+        src.run(timeout=5)
+        deadline = _arm_tsc_deadline(src.vcpu)
+        assert src.vcpu.get_msrs([MSR_TSC_DEADLINE])[MSR_TSC_DEADLINE] == deadline
+        s = state.save_state(src.vcpu)
+    assert s.msrs[MSR_TSC_DEADLINE] == deadline and list(s.msrs)[-1] == MSR_TSC_DEADLINE
+
+    wrong = ("cpuid", "sregs", "msrs", "tsc_deadline", "lapic", "xcrs", "xsave", "events", "mp_state",
+             "debugregs", "regs")
+    with Machine("sync", kvm=kvm) as dst:
+        state.restore_state(dst.vcpu, s, order=wrong)
+        assert dst.vcpu.get_msrs([MSR_TSC_DEADLINE])[MSR_TSC_DEADLINE] == 0  # lost
+    with Machine("sync", kvm=kvm) as dst:
+        state.restore_state(dst.vcpu, s)
+        assert dst.vcpu.get_msrs([MSR_TSC_DEADLINE])[MSR_TSC_DEADLINE] == deadline
+
+
+def test_wrong_xsave_size_is_refused_before_any_ioctl(machine):
+    m = machine("sync")
+    m.run(timeout=5)
+    s = state.save_state(m.vcpu)
+    s.xsave = s.xsave + bytes(4096)
+    before = m.vcpu.get_regs()
+    with pytest.raises(StateError, match="8192 bytes but this vCPU's is 4096"):
+        state.restore_state(m.vcpu, s)
+    assert m.vcpu.get_regs() == before
