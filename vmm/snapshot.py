@@ -170,7 +170,10 @@ def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None):
 
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # an ordinary file, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             f.write(head)
             for (tag, data), (_, off, *_rest) in zip(blobs, entries):

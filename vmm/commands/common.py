@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import sys
 import time
 
@@ -23,6 +24,9 @@ def handle_errors(fn):
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
+        except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_ERROR)
         except (VmmError, ValueError, OSError) as e:
             click.echo(f"vmm: error: {e}", err=True)
             sys.exit(EXIT_ERROR)
