@@ -69,7 +69,8 @@ class KvmError(VmmError, OSError):
     def __init__(self, ioctl, err, hint=None, detail=None):
         self.ioctl = ioctl
         self.errno = err
-        self.errno_name = _errno.errorcode.get(err, str(err))
+        # Linux's name for 95 is EOPNOTSUPP (Python's table says ENOTSUP, the same number)
+        self.errno_name = "EOPNOTSUPP" if err == _errno.EOPNOTSUPP else _errno.errorcode.get(err, str(err))
         self.hint = hint or hint_for(ioctl, err)
         self.detail = detail
         what = f"{ioctl}{' (' + detail + ')' if detail else ''}"

@@ -1,6 +1,7 @@
 """Machine: a VM with the guest runtime installed and vCPUs ready at the payload's entry."""
 
 from .. import kvm as kvm_mod
+from ..amx import XFEATURE_MASK_XTILE, enable as enable_amx
 from .._bindings import lib
 from . import catalog, runtime
 from .runner import Runner
@@ -13,14 +14,16 @@ def default_guest_cpuid(kvm, xcr0=None):
     `xcr0` (default: everything leaf 0xD lists). KVM requires CPUID.1:ECX.XSAVE for CR4.OSXSAVE,
     and some hosts (PVM) list XSAVE components in leaf 0xD but not the XSAVE bit; we set it then."""
     supported = kvm.get_supported_cpuid()
-    return supported.guest_for_xcr0(supported.xcr0_supported() if xcr0 is None else xcr0)
+    xcr0 = supported.xcr0_supported() if xcr0 is None else xcr0
+    return supported.guest_for_xcr0(xcr0 & ~XFEATURE_MASK_XTILE)  # AMX only with amx=True
 
 
 class Machine:
     """Builds a VM for a guest image. Use as a context manager; `kvm` may be shared."""
 
     def __init__(self, guest="hello", cpl=3, memory=runtime.DEFAULT_MEMORY, vcpus=1, kvm=None,
-                 cpuid=None, xcr0=None, device=kvm_mod.DEFAULT_DEVICE, on_console=None, irqchip=True):
+                 cpuid=None, xcr0=None, device=kvm_mod.DEFAULT_DEVICE, on_console=None, irqchip=True,
+                 amx=False):
         if memory < runtime.MIN_MEMORY:
             raise ValueError(f"guest memory must be at least {runtime.MIN_MEMORY >> 20} MiB")
         self.image = guest if isinstance(guest, catalog.Image) else catalog.load(guest)
@@ -33,7 +36,11 @@ class Machine:
         self.cpl = cpl
         self._own_kvm = kvm is None
         self.kvm = kvm or kvm_mod.Kvm(device)
+        self.amx = None
         try:
+            if amx:  # AMX guest permission must precede the first vCPU (vmm/amx.py)
+                self.amx = enable_amx(self.kvm, xcr0)
+                cpuid = self.amx.guest_cpuid if cpuid is None else cpuid
             self.vm = self.kvm.create_vm()
             if irqchip:
                 self.vm.create_irqchip()
