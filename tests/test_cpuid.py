@@ -60,6 +60,15 @@ def test_indexed_leaf_without_sl_marker_is_still_indexed():
     assert t.entry(7, 1) is None
 
 
+def test_unflagged_entry_of_an_indexed_leaf_round_trips():
+    # KVM_GET_SUPPORTED_CPUID reports leaf 0x80000020 without KVM_CPUID_FLAG_SIGNIFCANT_INDEX.
+    t = CpuidTable.from_kvm_entries([(0x80000020, 0, 0, 0, 0, 0, 0), (0xD, 0, 1, 7, 0x340, 0x340, 0)])
+    text = t.to_dump()
+    assert "CPUID 80000020: 00000000-00000000-00000000-00000000 [not indexed]" in text
+    again = CpuidTable.from_dump(text)
+    assert again == t and again.entry(0x80000020).flags == 0
+
+
 def test_from_dump_accepts_path_str_and_text(spr):
     assert CpuidTable.from_dump(str(SPR_PATH)) == spr
     assert CpuidTable.from_dump(SPR_PATH.read_text()) == spr

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from vmm.cpuid import CpuidTable
 from vmm.xsave import (TileConfig, XsaveArea, XsaveComponent, XsaveError,
-                       XsaveLayout, kvm_xsave_size, validate_for_set)
+                       XsaveLayout, kvm_xsave_size, mask_names, parse_mask, validate_for_set)
 
 DATA = Path(__file__).parent / "data"
 SPR = CpuidTable.from_dump(DATA / "intel-sapphire-rapids-w7-2475x.txt")
@@ -472,3 +472,31 @@ def test_validate_for_set_checks_mxcsr(bv):
     with pytest.raises(XsaveError, match="MXCSR 0x11f80 sets reserved bits 0x10000"):
         validate_for_set(buf, GENOA_LAYOUT, 0x2E7)
     validate_for_set(buf, GENOA_LAYOUT, 0x2E7, mxcsr_feature_mask=0x3FFFF)
+
+
+# -- masks by name -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, mask", [
+    ("0x7", 0x7), ("231", 0xE7), ("x87|SSE|AVX", 0x7), ("x87, sse, avx", 0x7),
+    ("x87+SSE+AVX+opmask+zmm_hi256+HI16_ZMM", 0xE7), ("XTILECFG|XTILEDATA", 0x60000),
+])
+def test_parse_mask(text, mask):
+    assert parse_mask(text) == mask
+
+
+@pytest.mark.parametrize("text, message", [
+    ("x87|avx512", "unknown XSAVE component 'avx512' in 'x87|avx512'"),
+    ("x87||SSE", "unknown XSAVE component ''"),
+    (hex(1 << 64), "does not fit in 64 bits"),
+    ("-1", "does not fit in 64 bits"),
+])
+def test_parse_mask_rejects(text, message):
+    with pytest.raises(XsaveError, match=message):
+        parse_mask(text)
+
+
+def test_mask_names():
+    assert mask_names(0xE7) == "x87 SSE AVX opmask ZMM_Hi256 Hi16_ZMM"
+    assert mask_names(1 << 62 | 1 << 9) == "PKRU component62"
+    assert mask_names(0) == "none"

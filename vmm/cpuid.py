@@ -33,11 +33,15 @@ __all__ = [
 SIGNIFICANT_INDEX = 1
 
 # Leaves whose sub-leaf (ECX input) selects different data; KVM marks these
-# entries with KVM_CPUID_FLAG_SIGNIFCANT_INDEX.
+# entries with KVM_CPUID_FLAG_SIGNIFCANT_INDEX (not always: 0x80000020 comes
+# without it). A dump line of such a leaf without "[SL n]" is read as sub-leaf 0
+# unless it carries NOT_INDEXED.
 INDEXED_LEAVES = frozenset({
     0x4, 0x7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1E, 0x1F,
     0x20, 0x23, 0x24, 0x8000001D, 0x80000020, 0x80000026,
 })
+
+NOT_INDEXED = "[not indexed]"
 
 REGISTERS = ("eax", "ebx", "ecx", "edx")
 _U32 = 0xFFFFFFFF
@@ -403,7 +407,8 @@ class CpuidTable:
             function = int(m["leaf"], 16)
             sub = m["sub"]
             index = int(sub, 16) if sub is not None else 0
-            indexed = function in INDEXED_LEAVES or sub is not None
+            not_indexed = (m["comment"] or "").startswith(NOT_INDEXED)
+            indexed = sub is not None or (function in INDEXED_LEAVES and not not_indexed)
             flags = SIGNIFICANT_INDEX if indexed else 0
             try:
                 table.put(CpuidEntry(function, index, flags,
@@ -413,12 +418,18 @@ class CpuidTable:
         return table
 
     def to_dump(self, comment: str | None = None) -> str:
-        """Write the dump format read by from_dump (one line per entry)."""
+        """Write the dump format read by from_dump (one line per entry).
+
+        An entry of a leaf from_dump would take as indexed (INDEXED_LEAVES) that does not carry
+        the flag, as KVM reports leaf 0x80000020, is marked ``[not indexed]`` so it reads back
+        unchanged."""
         lines = [f"# {c}" for c in comment.splitlines()] if comment else []
         for e in self._entries:
             line = f"CPUID {e.function:08X}: {e.eax:08X}-{e.ebx:08X}-{e.ecx:08X}-{e.edx:08X}"
             if e.indexed:
                 line += f" [SL {e.index:02X}]"
+            elif e.function in INDEXED_LEAVES:
+                line += f" {NOT_INDEXED}"
             lines.append(line)
         return "\n".join(lines) + "\n"
 

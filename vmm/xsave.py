@@ -31,6 +31,8 @@ __all__ = [
     "XsaveArea",
     "kvm_xsave_size",
     "validate_for_set",
+    "mask_names",
+    "parse_mask",
 ]
 
 # State-component indices (SDM vol. 1, 13.1; Linux enum xfeature).
@@ -71,6 +73,34 @@ class XsaveError(ValueError):
 
 def component_name(index: int) -> str:
     return XFEATURE_NAMES.get(index, f"component{index}")
+
+
+def mask_names(mask: int) -> str:
+    """'x87 SSE AVX' for 0x7: the component names of an XCR0/XSTATE_BV value, lowest bit first."""
+    return " ".join(component_name(i) for i in _bits(mask)) or "none"
+
+
+def parse_mask(text: str) -> int:
+    """An XCR0-style mask from a number ('0x7', '7') or component names ('x87|SSE|AVX',
+    'x87,sse,avx'; the names of XFEATURE_NAMES, any case)."""
+    text = text.strip()
+    try:
+        value = int(text, 0)
+    except ValueError:
+        pass
+    else:
+        if not 0 <= value < 1 << 64:
+            raise XsaveError(f"XSAVE feature mask {text!r} does not fit in 64 bits")
+        return value
+    by_name = {n.lower(): i for i, n in XFEATURE_NAMES.items()}
+    value = 0
+    for word in text.replace("|", ",").replace("+", ",").split(","):
+        word = word.strip()
+        if word.lower() not in by_name:
+            raise XsaveError(f"unknown XSAVE component {word!r} in {text!r}: give a number such as "
+                             f"0x7 or names from {', '.join(XFEATURE_NAMES.values())}")
+        value |= 1 << by_name[word.lower()]
+    return value
 
 
 def _describe(index: int) -> str:
@@ -446,6 +476,14 @@ class XsaveArea:
     def register_names(self) -> list[str]:
         return list(self._regs)
 
+    def register_component(self, name: str) -> int:
+        """The state-component index holding register ``name``."""
+        return self._reg(name).component
+
+    def register_size(self, name: str) -> int:
+        """Bytes of register ``name``."""
+        return self._reg(name).size
+
     def get(self, name: str) -> int | bytes:
         """A register's architectural value: the init value when its component is not in XSTATE_BV."""
         r = self._reg(name)
@@ -681,7 +719,7 @@ def validate_for_set(buf: bytes | bytearray | memoryview, layout: XsaveLayout,
             problems.append(f"XSTATE_BV {xstate_bv:#x} has components outside supported XCR0 "
                             f"{supported_xcr0:#x}: {', '.join(_describe(i) for i in _bits(extra))}")
         mxcsr = int.from_bytes(buf[24:28], "little")
-        if False:
+        if mxcsr & ~mxcsr_feature_mask:
             problems.append(f"MXCSR {mxcsr:#x} sets reserved bits {mxcsr & ~mxcsr_feature_mask:#x} "
                             f"(feature mask {mxcsr_feature_mask:#x})")
     if problems:
