@@ -23,6 +23,22 @@ def cap_number(name):
     return getattr(lib, name)
 
 
+def read_cpuid2(fd, name):
+    """A struct kvm_cpuid2 ioctl (KVM_GET_SUPPORTED_CPUID, KVM_GET_CPUID2) as entry tuples; E2BIG
+    means the buffer was too small: grow it and ask again."""
+    n = 128
+    while True:
+        buf = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+        try:
+            ioctl(fd, name, buf)
+        except KvmError as e:
+            if e.errno == errno.E2BIG and n < 4096:
+                n *= 2
+                continue
+            raise
+        return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in buf.entries[0:buf.nent]]
+
+
 def is_pvm():
     """True when /dev/kvm is served by the kvm_pvm module (guest CPL0 code is emulated)."""
     return os.path.isdir("/sys/module/kvm_pvm")
@@ -58,24 +74,10 @@ class Kvm:
     def get_vcpu_mmap_size(self):
         return ioctl(self.fd, "KVM_GET_VCPU_MMAP_SIZE")
 
-    def _cpuid_entries(self, name):
-        n = 128
-        while True:
-            buf = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
-            try:
-                ioctl(self.fd, name, buf)
-            except KvmError as e:
-                if e.errno == errno.E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise
-            return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-                    for e in buf.entries[0:buf.nent]]
-
     def get_supported_cpuid(self):
         """KVM_GET_SUPPORTED_CPUID as a CpuidTable. Re-read after any arch_prctl permission change."""
         from .cpuid import CpuidTable
-        return CpuidTable.from_kvm_entries(self._cpuid_entries("KVM_GET_SUPPORTED_CPUID"))
+        return CpuidTable.from_kvm_entries(read_cpuid2(self.fd, "KVM_GET_SUPPORTED_CPUID"))
 
     def _msr_list(self, name):
         probe = ffi.new("struct kvm_msr_list *", {"nmsrs": 0, "indices": 0})

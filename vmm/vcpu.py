@@ -180,19 +180,10 @@ class Vcpu:
         self.cpuid = table
 
     def get_cpuid2(self):
+        """KVM_GET_CPUID2: the CPUID KVM holds for this vCPU (on some hosts not what was set)."""
         from .cpuid import CpuidTable
-        n = 128
-        while True:
-            c = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
-            try:
-                ioctl(self.fd, "KVM_GET_CPUID2", c)
-            except KvmError as e:
-                if e.errno == errno.E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise
-            return CpuidTable.from_kvm_entries(
-                [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in c.entries[0:c.nent]])
+        from .kvm import read_cpuid2
+        return CpuidTable.from_kvm_entries(read_cpuid2(self.fd, "KVM_GET_CPUID2"))
 
     # --- XSAVE --------------------------------------------------------------------------------
     def xsave_size(self):
