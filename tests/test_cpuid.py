@@ -333,3 +333,11 @@ def test_guest_for_xcr0_without_leaf_d():
     t = CpuidTable([CpuidEntry(1, 0, 0, 0, 0, 0, 0)])
     with pytest.raises(CpuidError, match="leaf 0xD"):
         t.guest_for_xcr0(0x7)
+
+
+def test_with_apic_id_sets_leaf_1_and_the_topology_leaves():
+    t = CpuidTable.from_dump(DATA / "intel-sapphire-rapids-w7-2475x.txt")
+    v = t.with_apic_id(3)
+    assert v.entry(1).ebx >> 24 == 3 and v.entry(1).ebx & 0xFFFFFF == t.entry(1).ebx & 0xFFFFFF
+    assert all(e.edx == 3 for e in v if e.function == 0xB)
+    assert t.entry(1).ebx >> 24 == 0  # the original is untouched

@@ -364,6 +364,19 @@ class CpuidTable:
     def copy(self) -> "CpuidTable":
         return CpuidTable(dataclasses.replace(e) for e in self._entries)
 
+    def with_apic_id(self, apic_id: int) -> "CpuidTable":
+        """A copy for the vCPU with this APIC ID: CPUID.1:EBX[31:24] and the x2APIC ID in EDX of
+        the topology leaves 0xB/0x1F. KVM_GET_SUPPORTED_CPUID leaves there the ID of whichever host
+        CPU answered the ioctl."""
+        t = self.copy()
+        e = t.entry(1)
+        if e is not None:
+            e.ebx = (e.ebx & 0x00FFFFFF) | ((apic_id & 0xFF) << 24)
+        for e in t:
+            if e.function in (0xB, 0x1F):
+                e.edx = apic_id
+        return t
+
     @classmethod
     def from_kvm_entries(cls, entries: Iterable[tuple]) -> "CpuidTable":
         """From (function, index, flags, eax, ebx, ecx, edx) tuples; duplicates are an error."""

@@ -60,8 +60,8 @@ class Machine:
             raise
 
     def setup_vcpu(self, vcpu, index):
-        # Guest CPUID first: KVM validates CR4 and XCR0 against it.
-        vcpu.set_cpuid2(self.cpuid)
+        # Guest CPUID first: KVM validates CR4 and XCR0 against it. Each vCPU has its own APIC ID.
+        vcpu.set_cpuid2(self.cpuid.with_apic_id(index))
         xsave = self.cpuid.has("XSAVE")
         st = runtime.entry_state(self.cpl, xsave=xsave, base_sregs=vcpu.get_sregs(),
                                  stack_top=runtime.USER_STACK_TOP - index * 0x10000)
