@@ -32,8 +32,9 @@ test: dev guests
 test-amx: dev guests
 	VMM_REQUIRE_AMX=1 $(PY) -m pytest -q -m amx tests
 
+# one table measured in one run (bench/bench.py; --json for machines: make bench BENCH_ARGS=--json)
 bench: dev guests
-	@echo "no benchmarks yet"
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info vmm/_kvm.c vmm/_kvm.o vmm/_kvm*.so

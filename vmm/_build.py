@@ -45,7 +45,8 @@ ffibuilder.set_source(
     '#include "compat.h"\n'
     "struct vmm_hdr_ioctl { const char *name; unsigned long value; int defined; };\n"
     + _hdr_table()
-    + _read("helpers.c"),
+    + _read("helpers.c")
+    + _read("fastpath.c"),
     include_dirs=[CDEFS],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
 )

@@ -16,6 +16,10 @@ Restore order, and why (each step names the constraint it satisfies):
 
 Save first completes pending I/O (KVM_RUN with immediate_exit), so an `in` the guest is waiting on
 is finished and RIP is past it; the saved state then needs no exit to be replayed.
+
+The fast path (vmm/fastpath.py, cdefs/fastpath.c; fast_path(), save_state_fast(),
+restore_state_fast() below) saves and restores the same state with one C call and fewer ioctls:
+regs/sregs/events travel in kvm_run (KVM_CAP_SYNC_REGS), CPUID and TSC kHz are set once per vCPU.
 """
 
 import errno
@@ -223,6 +227,8 @@ def restore_state(vcpu, state, order=None):
 
     `order` exists for the test that demonstrates why the order matters; callers leave it None."""
     check_restorable(vcpu, state)
+    # regs/sregs/events a fast-path restore left in kvm_run would overwrite these at the next KVM_RUN
+    vcpu.kvm_run.kvm_dirty_regs = 0
     msrs = dict(state.msrs)
     deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
     steps = {
@@ -254,3 +260,30 @@ def _set_tsc_khz(vcpu, khz):
         raise StateError(f"the guest ran with a {khz} kHz TSC, this host's is {vcpu.get_tsc_khz()} kHz "
                          "and KVM cannot scale it here (no KVM_CAP_TSC_CONTROL)")
     vcpu.set_tsc_khz(khz)
+
+
+# --- the fast path ---------------------------------------------------------------------------------
+def fast_path(vcpu):
+    """This vCPU's FastVcpu (vmm/fastpath.py), made on first use and kept with the Vcpu: the MSR
+    set, XSAVE size and TSC frequency are read once. For a hot loop, keep its buffers:
+    `fp = fast_path(vcpu); st = fp.save(); ...; fp.restore(st)`."""
+    from .fastpath import FastVcpu
+    fp = getattr(vcpu, "_fast_path", None)
+    if fp is None or fp.vcpu is not vcpu or fp._fd != vcpu.fd:
+        fp = FastVcpu(vcpu)
+        vcpu._fast_path = fp
+    return fp
+
+
+def save_state_fast(vcpu):
+    """save_state() through the C fast path: the same VcpuState (MSR set of saveable_msrs)."""
+    fp = fast_path(vcpu)
+    return fp.to_state(fp.save())
+
+
+def restore_state_fast(vcpu, state):
+    """restore_state() through the C fast path. A VcpuState not saved from this vCPU is checked,
+    and its CPUID/TSC frequency set when they differ, by FastVcpu.load(); its first restore sets
+    every piece by ioctl in RESTORE_ORDER (KVM_SET_MSRS once, TSC deadline last)."""
+    fp = fast_path(vcpu)
+    fp.restore(fp.load(state))
