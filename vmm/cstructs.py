@@ -12,9 +12,18 @@ GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
 
+def _names(cls):
+    """Field names of a dataclass, computed once (dataclasses.fields() is slow on hot paths)."""
+    names = cls.__dict__.get("_field_names")
+    if names is None:
+        names = tuple(f.name for f in fields(cls))
+        cls._field_names = names
+    return names
+
+
 def _copy_in(c, obj):
-    for f in fields(obj):
-        setattr(c, f.name, getattr(obj, f.name))
+    for name in _names(type(obj)):
+        setattr(c, name, getattr(obj, name))
 
 
 @dataclass
@@ -40,7 +49,7 @@ class Regs:
 
     @classmethod
     def from_c(cls, c):
-        return cls(*(getattr(c, f.name) for f in fields(cls)))
+        return cls(*[getattr(c, name) for name in _names(cls)])
 
     def to_c(self, c=None):
         c = c if c is not None else ffi.new("struct kvm_regs *")
@@ -68,7 +77,7 @@ class Segment:
 
     @classmethod
     def from_c(cls, c):
-        return cls(*(getattr(c, f.name) for f in fields(cls)))
+        return cls(*[getattr(c, name) for name in _names(cls)])
 
     def to_c(self, c):
         _copy_in(c, self)

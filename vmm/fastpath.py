@@ -324,12 +324,12 @@ class FastVcpu:
         self._raise(r, 1 if restore else 0, st)
 
     # --- VcpuState in and out -----------------------------------------------------------------
-    def to_state(self, st):
+    def to_state(self, st, diagnose=False):
         """The VcpuState these buffers hold; equal to what vmm.state.save_state() reports for the same
-        vCPU state. `cpuid_kvm` (a diagnostic) is KVM_GET_CPUID2 read now."""
+        vCPU state and the same `diagnose` (with it, `cpuid_kvm` is KVM_GET_CPUID2 read now)."""
         from .state import VcpuState
         c = st.c
-        kvm_cpuid = self.vcpu.get_cpuid2()
+        kvm_cpuid = self.vcpu.get_cpuid2() if diagnose or self.vcpu.cpuid is None else None
         cpuid = self.vcpu.cpuid if self.vcpu.cpuid is not None else kvm_cpuid
         e = st._msrs.entries
         return VcpuState(
@@ -344,7 +344,7 @@ class FastVcpu:
             debugregs=bytes(ffi.buffer(st._debugregs)),
             lapic=bytes(ffi.buffer(st._lapic)) if c.has_lapic else None,
             tsc_khz=self.tsc_khz,
-            cpuid_kvm=None if kvm_cpuid == cpuid else kvm_cpuid,
+            cpuid_kvm=None if kvm_cpuid is None or kvm_cpuid == cpuid else kvm_cpuid,
         )
 
     def load(self, state, st=None):

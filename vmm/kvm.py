@@ -39,6 +39,15 @@ def read_cpuid2(fd, name):
         return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in buf.entries[0:buf.nent]]
 
 
+ARCH_GET_XCOMP_GUEST_PERM = 0x1024
+
+
+def _guest_xsave_permission():
+    out = ffi.new("unsigned long long *")
+    r = lib.vmm_arch_prctl(ARCH_GET_XCOMP_GUEST_PERM, int(ffi.cast("uintptr_t", out)))
+    return out[0] if r >= 0 else r  # kernels before 5.17: a constant errno, still a valid key
+
+
 def is_pvm():
     """True when /dev/kvm is served by the kvm_pvm module (guest CPL0 code is emulated)."""
     return os.path.isdir("/sys/module/kvm_pvm")
@@ -49,6 +58,8 @@ class Kvm:
 
     def __init__(self, device=DEFAULT_DEVICE):
         self.device = device
+        self._supported = None
+        self._msr_index_list = None
         try:
             self.fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -74,6 +85,17 @@ class Kvm:
     def get_vcpu_mmap_size(self):
         return ioctl(self.fd, "KVM_GET_VCPU_MMAP_SIZE")
 
+    def supported_cpuid(self):
+        """KVM_GET_SUPPORTED_CPUID, cached for the hot paths (XSAVE validation, state save/restore).
+
+        KVM derives its XSAVE answers from this process's guest XSAVE permission, so the cache is
+        keyed by ARCH_GET_XCOMP_GUEST_PERM, read on every call (one syscall): a permission request
+        (arch_prctl ARCH_REQ_XCOMP_GUEST_PERM) invalidates it. Callers must not modify the table."""
+        perm = _guest_xsave_permission()
+        if self._supported is None or self._supported[0] != perm:
+            self._supported = (perm, self.get_supported_cpuid())
+        return self._supported[1]
+
     def get_supported_cpuid(self):
         """KVM_GET_SUPPORTED_CPUID as a CpuidTable. Re-read after any arch_prctl permission change."""
         from .cpuid import CpuidTable
@@ -93,6 +115,12 @@ class Kvm:
 
     def get_msr_index_list(self):
         return self._msr_list("KVM_GET_MSR_INDEX_LIST")
+
+    def msr_index_list(self):
+        """KVM_GET_MSR_INDEX_LIST, read once: it is fixed for the life of the KVM module."""
+        if self._msr_index_list is None:
+            self._msr_index_list = tuple(self.get_msr_index_list())
+        return self._msr_index_list
 
     def get_msr_feature_index_list(self):
         return self._msr_list("KVM_GET_MSR_FEATURE_INDEX_LIST")

@@ -52,9 +52,19 @@ FEATURE_GATED_MSRS = {
 }
 
 
+_gated_cache = {}
+
+
 def gated_msrs(cpuid):
     """The feature-gated MSRs this guest CPUID has (any of the listed features suffices)."""
-    return sorted(m for m, feats in FEATURE_GATED_MSRS.items() if any(cpuid.has(f) for f in feats))
+    hit = _gated_cache.get(id(cpuid))
+    if hit is not None and hit[0] is cpuid:  # the same table object as last time
+        return hit[1]
+    gated = sorted(m for m, feats in FEATURE_GATED_MSRS.items() if any(cpuid.has(f) for f in feats))
+    if len(_gated_cache) > 64:
+        _gated_cache.clear()
+    _gated_cache[id(cpuid)] = (cpuid, gated)
+    return gated
 
 
 @dataclass
@@ -152,7 +162,7 @@ def saveable_msrs(vcpu, cpuid):
     """The MSRs this vCPU's state consists of: KVM_GET_MSR_INDEX_LIST minus what this vCPU cannot
     read, minus feature-gated MSRs the guest was not given, plus the gated ones it was."""
     gated = set(FEATURE_GATED_MSRS)
-    want = [m for m in vcpu.vm.kvm.get_msr_index_list() if m not in gated] + gated_msrs(cpuid)
+    want = [m for m in vcpu.vm.kvm.msr_index_list() if m not in gated] + gated_msrs(cpuid)
     readable = []
     # KVM_GET_MSRS stops at the first MSR it cannot read: drop that one and go on from there
     pending = want
@@ -179,12 +189,24 @@ def _stopped_at(vcpu, indices):
     return len(indices)
 
 
-def save_state(vcpu, msr_indices=None):
-    """Everything KVM holds for this vCPU, in the order KVM's selftests read it."""
+def _saveable_msrs_cached(vcpu, cpuid):
+    """saveable_msrs() per vCPU and guest CPUID: which MSRs a vCPU can read does not change
+    while its CPUID stays the same, so it is probed once, not on every save."""
+    hit = getattr(vcpu, "_saveable_msrs", None)
+    if hit is None or hit[0] is not cpuid:
+        hit = vcpu._saveable_msrs = (cpuid, saveable_msrs(vcpu, cpuid))
+    return hit[1]
+
+
+def save_state(vcpu, msr_indices=None, diagnose=False):
+    """Everything KVM holds for this vCPU, in the order KVM's selftests read it.
+
+    The CPUID saved is the table this process gave KVM_SET_CPUID2 (KVM_GET_CPUID2 when there is
+    none). With `diagnose`, KVM_GET_CPUID2 is also read and kept when it differs (snapshots do)."""
     complete_pending_io(vcpu)
-    kvm_cpuid = vcpu.get_cpuid2()
+    kvm_cpuid = vcpu.get_cpuid2() if diagnose or vcpu.cpuid is None else None
     cpuid = vcpu.cpuid if vcpu.cpuid is not None else kvm_cpuid
-    msr_indices = msr_indices if msr_indices is not None else saveable_msrs(vcpu, cpuid)
+    msr_indices = msr_indices if msr_indices is not None else _saveable_msrs_cached(vcpu, cpuid)
     msrs = vcpu.get_msrs(msr_indices)
     # TSC deadline goes last so that restore writes it after the LAPIC
     if MSR_IA32_TSC_DEADLINE in msrs:
@@ -201,7 +223,7 @@ def save_state(vcpu, msr_indices=None):
         debugregs=vcpu.get_debugregs(),
         lapic=vcpu.get_lapic() if vcpu.vm.has_irqchip else None,
         tsc_khz=vcpu.get_tsc_khz(),
-        cpuid_kvm=None if kvm_cpuid == cpuid else kvm_cpuid,
+        cpuid_kvm=None if kvm_cpuid is None or kvm_cpuid == cpuid else kvm_cpuid,
     )
 
 
@@ -232,7 +254,9 @@ def restore_state(vcpu, state, order=None):
     msrs = dict(state.msrs)
     deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
     steps = {
-        "cpuid": lambda: vcpu.set_cpuid2(state.cpuid),
+        # a vCPU that already holds exactly this CPUID (from us) needs no second KVM_SET_CPUID2
+        "cpuid": lambda: (vcpu.cpuid is state.cpuid or vcpu.cpuid == state.cpuid
+                          or vcpu.set_cpuid2(state.cpuid)),
         "tsc_khz": lambda: _set_tsc_khz(vcpu, state.tsc_khz),
         "sregs": lambda: vcpu.set_sregs(state.sregs),
         "lapic": lambda: state.lapic is not None and vcpu.set_lapic(state.lapic),

@@ -14,12 +14,26 @@ XCR0_X87_SSE = 0x3
 MXCSR_DEFAULT_MASK = 0xFFBF  # what MXCSR_MASK = 0 stands for
 
 
+_layouts = {}
+
+
+def _layout_of(supported):
+    """XsaveLayout of a (cached, unmodified) supported-CPUID table."""
+    key = id(supported)
+    hit = _layouts.get(key)
+    if hit is None or hit[0] is not supported:
+        _layouts.clear()
+        hit = _layouts[key] = (supported, XsaveLayout.from_cpuid(supported))
+    return hit[1]
+
+
 class Vcpu:
     def __init__(self, vm, fd, vcpu_id):
         self.vm = vm
         self.fd = fd
         self.id = vcpu_id
         self.cpuid = None  # the table last given to KVM_SET_CPUID2 (KVM_GET_CPUID2 may differ)
+        self._mxcsr_mask = None
         size = vm.kvm.get_vcpu_mmap_size()
         self._run_mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_buf = ffi.from_buffer(self._run_mm)
@@ -199,7 +213,7 @@ class Vcpu:
     def _xsave_limits(self):
         """(size, supported CPUID), both read now; StateError when KVM contradicts itself."""
         cap = self.vm.xsave2_size()
-        supported = self.vm.kvm.get_supported_cpuid()
+        supported = self.vm.kvm.supported_cpuid()
         if not cap:
             return XSAVE_LEGACY_SIZE, supported
         d0 = supported.entry(0xD, 0)
@@ -248,7 +262,7 @@ class Vcpu:
         raw = bytes(raw)
         size, supported = self._xsave_limits()
         if supported.xcr0_supported():
-            layout = XsaveLayout.from_cpuid(supported)
+            layout = _layout_of(supported)
         else:  # a host without XSAVE: KVM takes the FXSAVE image in the same buffer
             layout = XsaveLayout({X87: X87_COMPONENT, SSE: SSE_COMPONENT}, XCR0_X87_SSE)
         try:
@@ -261,8 +275,11 @@ class Vcpu:
 
     def _mxcsr_feature_mask(self):
         """MXCSR bits the host allows: MXCSR_MASK of this vCPU's FXSAVE image (0 means 0xFFBF, SDM
-        vol. 1, 11.6.6). KVM rejects MXCSR values outside the host's mask."""
-        return int.from_bytes(self.get_xsave()[28:32], "little") or MXCSR_DEFAULT_MASK
+        vol. 1, 11.6.6). KVM rejects MXCSR values outside the host's mask. Read once per vCPU:
+        it is a property of the host CPU."""
+        if self._mxcsr_mask is None:
+            self._mxcsr_mask = int.from_bytes(self.get_xsave()[28:32], "little") or MXCSR_DEFAULT_MASK
+        return self._mxcsr_mask
 
     # --- lifetime -----------------------------------------------------------------------------
     def close(self):

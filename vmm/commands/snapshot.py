@@ -34,7 +34,7 @@ def snapshot_cmd(guest, output, at_sync, vcpus, memory_mib, cpu_file, timeout, d
         for i in range(vcpus):
             run_to_sync(m, at_sync, timeout, vcpu=i)
         t0 = time.monotonic()
-        states = [state.save_state(v) for v in m.vcpus]
+        states = [state.save_state(v, diagnose=True) for v in m.vcpus]
         size = snapshot.save(output, m.kvm, m.vm, m.vcpus, states,
                              guest={"name": m.image.name, "cpl": m.cpl},
                              extra_meta={"at_sync": at_sync})
