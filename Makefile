@@ -37,5 +37,5 @@ bench: dev guests
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info vmm/_kvm.c vmm/_kvm.o vmm/_kvm*.so
+	rm -rf $(VENV) build bench/build *.egg-info vmm/_kvm.c vmm/_kvm.o vmm/_kvm*.so
 	$(MAKE) -s -C guests clean
