@@ -6,7 +6,7 @@ import pytest
 
 from vmm.errors import GuestError
 from vmm.guest import catalog, runtime
-from vmm.guest.runner import Done, Fault, InternalError, Shutdown, Sync, Timeout
+from vmm.guest.runner import Done, Fault, InternalError, Mmio, Shutdown, Sync, Timeout
 from vmm.kvm import is_pvm
 
 
@@ -84,3 +84,12 @@ def test_bad_guests_are_clear_errors(machine, tmp_path):
     big.write_bytes(b"\x90" * (3 << 20))
     with pytest.raises(GuestError, match="larger than"):
         machine(str(big))
+
+
+def test_mmio_to_unbacked_memory_is_reported(machine):
+    m = machine("mmio")
+    ev = m.run(timeout=5)
+    assert isinstance(ev, Mmio), ev
+    assert (ev.address, ev.is_write, ev.len, ev.data) == (0xD0000000, True, 4, 0x1234ABCD)
+    # KVM completes an MMIO write before it exits: RIP is already past the 6-byte `movl $imm, (%rdi)`
+    assert ev.rip == m.image.symbols["mmio_store"] + 6

@@ -80,8 +80,9 @@ def build_tss():
 
 
 def build_page_tables(mem_size):
-    """PML4 -> one PDPT -> one PD per GiB of 2 MiB pages, identity, U/S=1 RW=1."""
-    gib = max(1, (mem_size + (1 << 30) - 1) >> 30)
+    """PML4 -> one PDPT -> one PD per GiB of 2 MiB pages, identity, U/S=1 RW=1. At least the first
+    4 GiB are mapped, so guests can reach unbacked addresses (MMIO exits) below 4 GiB."""
+    gib = max(4, (mem_size + (1 << 30) - 1) >> 30)
     if gib > MAX_PDS:
         raise ValueError(f"guest memory of {mem_size} bytes exceeds the runtime's {MAX_PDS} GiB map")
     flags = PTE_P | PTE_RW | PTE_US
