@@ -37,7 +37,8 @@ def _description(name):
     if src.exists():
         m = re.search(r"/\*\s*(.*?)\s*\*/", src.read_text(), re.S)
         if m:
-            text = " ".join(w for w in m.group(1).split() if w != "*")
+            lines = (ln.strip().removeprefix("*").strip() for ln in m.group(1).splitlines())
+            text = " ".join(" ".join(ln for ln in lines if ln).split())
             return text.split(": ", 1)[-1] if text.startswith(name + ":") else text
     return ""
 
