@@ -17,7 +17,7 @@ before it is returned, so a guest started anywhere in the pool can be restored a
 
 from .compat import OS_CONTROLLED, XTILE, CompatError, Guest, compare, load_host
 from .cpuid import CpuidTable
-from .xsave import XsaveLayout, component_name, mask_names
+from .xsave import XsaveLayout, bits_of, component_name, mask_names
 
 SCHEMA_ID = "vmm-baseline/1"
 
@@ -86,7 +86,7 @@ def compute(hosts):
     layouts = [(h, h.layout) for h in hosts]
     xcr0 = table.xcr0_supported() & ~XTILE
     dropped_components = []
-    for i in list(_bits(xcr0 & ~0x3)):
+    for i in list(bits_of(xcr0 & ~0x3)):
         mine = layouts[hosts.index(base)][1].components[i]
         for h, lay in layouts:
             other = lay.components.get(i)
@@ -150,13 +150,6 @@ def compute(hosts):
     }
 
 
-def _bits(mask):
-    i = 0
-    while mask:
-        if mask & 1:
-            yield i
-        mask >>= 1
-        i += 1
 
 
 def baseline(specs, device="/dev/kvm"):

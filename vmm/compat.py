@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from .cpuid import CpuidError, CpuidTable
 from .errors import VmmError
-from .xsave import XsaveError, XsaveLayout, component_name, kvm_xsave_size, mask_names
+from .xsave import XsaveError, XsaveLayout, bits_of, component_name, kvm_xsave_size, mask_names
 
 # Bits the guest OS (OSXSAVE, OSPKE) or KVM (HYPERVISOR) set at run time: never a reason to refuse.
 OS_CONTROLLED = frozenset({"OSXSAVE", "OSPKE", "HYPERVISOR"})
@@ -39,13 +39,6 @@ class CompatError(VmmError):
     """An input compat or baseline cannot use: says which and why."""
 
 
-def _bits(mask):
-    i = 0
-    while mask:
-        if mask & 1:
-            yield i
-        mask >>= 1
-        i += 1
 
 
 def _span(c):
@@ -393,7 +386,7 @@ def compare(guest, host):
     g_cpuid_xcr0 = guest.cpuid.xcr0_supported()
     mask = g_cpuid_xcr0 | guest.xcr0 | guest.xstate_bv
     components = []
-    for i in _bits(mask):
+    for i in bits_of(mask):
         src = g_layout.components.get(i) if g_layout and g_cpuid_xcr0 >> i & 1 else None
         if src is None and guest.source_layout is not None:
             src = guest.source_layout.components.get(i)

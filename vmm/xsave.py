@@ -77,7 +77,7 @@ def component_name(index: int) -> str:
 
 def mask_names(mask: int) -> str:
     """'x87 SSE AVX' for 0x7: the component names of an XCR0/XSTATE_BV value, lowest bit first."""
-    return " ".join(component_name(i) for i in _bits(mask)) or "none"
+    return " ".join(component_name(i) for i in bits_of(mask)) or "none"
 
 
 def parse_mask(text: str) -> int:
@@ -107,7 +107,8 @@ def _describe(index: int) -> str:
     return f"{component_name(index)} ({index})"
 
 
-def _bits(mask: int) -> Iterator[int]:
+def bits_of(mask: int) -> Iterator[int]:
+    """The set bit positions of a feature mask, lowest first."""
     i = 0
     while mask:
         if mask & 1:
@@ -161,7 +162,7 @@ class XsaveLayout:
         if not xcr0:
             raise XsaveError("CPUID leaf 0xD is missing: XSAVE is not enumerated")
         comps = {X87: X87_COMPONENT, SSE: SSE_COMPONENT}
-        for i in _bits((xcr0 | xss) & ~0b11):
+        for i in bits_of((xcr0 | xss) & ~0b11):
             e = table.entry(0xD, i)
             if e is None or e.eax == 0:
                 raise XsaveError(
@@ -180,7 +181,7 @@ class XsaveLayout:
         return sum(c.mask for c in self.components.values() if c.supervisor)
 
     def _known(self, mask: int, what: str) -> None:
-        unknown = [i for i in _bits(mask) if i not in self.components]
+        unknown = [i for i in bits_of(mask) if i not in self.components]
         if unknown:
             raise XsaveError(f"{what} {mask:#x} names components this layout does not have: "
                              + ", ".join(_describe(i) for i in unknown))
@@ -203,7 +204,7 @@ class XsaveLayout:
         mask = (self.xcr0_supported | self.xss_supported) if mask is None else mask
         self._known(mask, "mask")
         offsets, pos = {}, XSAVE_MIN_SIZE
-        for i in _bits(mask & ~0b11):
+        for i in bits_of(mask & ~0b11):
             c = self.components[i]
             if c.align64:
                 pos = (pos + 63) & ~63
@@ -390,7 +391,7 @@ class XsaveArea:
             raise XsaveError(f"XCOMP_BV {area.xcomp_bv:#x} has bit 63 set: this is the compacted "
                              "format (XSAVEC/XSAVES); KVM_GET_XSAVE returns the standard format")
         bv = area.xstate_bv
-        bad = [i for i in _bits(bv)
+        bad = [i for i in bits_of(bv)
                if i not in layout.components or layout.components[i].supervisor]
         if bad:
             raise XsaveError(f"XSTATE_BV {bv:#x} sets components with no standard-format location "
@@ -717,7 +718,7 @@ def validate_for_set(buf: bytes | bytearray | memoryview, layout: XsaveLayout,
         extra = xstate_bv & ~supported_xcr0
         if extra:
             problems.append(f"XSTATE_BV {xstate_bv:#x} has components outside supported XCR0 "
-                            f"{supported_xcr0:#x}: {', '.join(_describe(i) for i in _bits(extra))}")
+                            f"{supported_xcr0:#x}: {', '.join(_describe(i) for i in bits_of(extra))}")
         mxcsr = int.from_bytes(buf[24:28], "little")
         if mxcsr & ~mxcsr_feature_mask:
             problems.append(f"MXCSR {mxcsr:#x} sets reserved bits {mxcsr & ~mxcsr_feature_mask:#x} "

@@ -2,7 +2,7 @@
 
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from .._bindings import ffi, lib
 from ..kvm import is_pvm
