@@ -1,7 +1,6 @@
 """The command line as users run it: a real process each time."""
 
 import json
-import os
 import subprocess
 import sys
 import time
