@@ -52,7 +52,8 @@ class Regs:
         return cls(*[getattr(c, name) for name in _names(cls)])
 
     def to_c(self, c=None):
-        c = c if c is not None else ffi.new("struct kvm_regs *")
+        if c is None:  # cffi fills the struct from the dict in C: much faster than setattr
+            return ffi.new("struct kvm_regs *", vars(self))
         _copy_in(c, self)
         return c
 
@@ -133,7 +134,11 @@ class Sregs:
         return s
 
     def to_c(self, c=None):
-        c = c if c is not None else ffi.new("struct kvm_sregs *")
+        if c is None:  # one C-side initialisation from nested dicts (field names are the uAPI's)
+            d = dict(vars(self))
+            for name in SEGMENTS + ("gdt", "idt"):
+                d[name] = vars(d[name])
+            return ffi.new("struct kvm_sregs *", d)
         for name in SEGMENTS:
             getattr(self, name).to_c(getattr(c, name))
         self.gdt.to_c(c.gdt)

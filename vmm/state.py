@@ -8,7 +8,8 @@ Restore order, and why (each step names the constraint it satisfies):
   3. KVM_SET_SREGS        control registers, EFER and the APIC base before the state that depends on them.
   4. KVM_SET_LAPIC        (in-kernel irqchip only) before the MSRs: KVM drops a write of
                           MSR_IA32_TSC_DEADLINE unless the LAPIC timer is already in TSC-deadline mode.
-  5. KVM_SET_MSRS         the MSR set saved, TSC deadline last.
+  5. KVM_SET_MSRS         the MSR set saved, in one call with the TSC deadline as the last entry
+                          (KVM writes the entries in order).
   6. KVM_SET_XCRS         XCR0 before the XSAVE image that it governs.
   7. KVM_SET_XSAVE        the extended state (sized by discovery, never 4096 by assumption).
   8. KVM_SET_VCPU_EVENTS, KVM_SET_MP_STATE, KVM_SET_DEBUGREGS
@@ -25,7 +26,7 @@ regs/sregs/events travel in kvm_run (KVM_CAP_SYNC_REGS), CPUID and TSC kHz are s
 import errno
 from dataclasses import dataclass
 
-from ._bindings import lib
+from ._bindings import ffi, lib
 from .cpuid import CpuidTable
 from .cstructs import Regs, Sregs, Segment, DTable
 from .errors import KvmError, StateError
@@ -147,15 +148,32 @@ def _sregs_from_json(d):
 
 
 # --- save ------------------------------------------------------------------------------------------
-def complete_pending_io(vcpu):
+SYNC_REGS_ALL = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS | lib.KVM_SYNC_X86_EVENTS
+
+
+def complete_pending_io(vcpu, sync_regs=False):
     """KVM_RUN with immediate_exit: KVM finishes an in-flight PIO/MMIO (an `in` gets its data,
-    RIP moves past the instruction) and returns EINTR without running guest code."""
+    RIP moves past the instruction) and returns EINTR without running guest code. With
+    `sync_regs`, KVM also stores regs, sregs and events in kvm_run on the way out
+    (KVM_CAP_SYNC_REGS): the same values KVM_GET_REGS/SREGS/VCPU_EVENTS return, without them."""
     run = vcpu.kvm_run
+    valid = run.kvm_valid_regs
+    if sync_regs:
+        run.kvm_valid_regs = SYNC_REGS_ALL
     run.immediate_exit = 1
     try:
         vcpu.run()
     finally:
         run.immediate_exit = 0
+        run.kvm_valid_regs = valid
+
+
+def _has_sync_regs(kvm):
+    cached = getattr(kvm, "_sync_regs_all", None)
+    if cached is None:
+        cached = kvm._sync_regs_all = \
+            kvm.check_extension(lib.KVM_CAP_SYNC_REGS) & SYNC_REGS_ALL == SYNC_REGS_ALL
+    return cached
 
 
 def saveable_msrs(vcpu, cpuid):
@@ -203,7 +221,14 @@ def save_state(vcpu, msr_indices=None, diagnose=False):
 
     The CPUID saved is the table this process gave KVM_SET_CPUID2 (KVM_GET_CPUID2 when there is
     none). With `diagnose`, KVM_GET_CPUID2 is also read and kept when it differs (snapshots do)."""
-    complete_pending_io(vcpu)
+    sync = _has_sync_regs(vcpu.vm.kvm)
+    complete_pending_io(vcpu, sync)
+    if sync:
+        area = vcpu.kvm_run.s.regs
+        regs, sregs = Regs.from_c(area.regs), Sregs.from_c(area.sregs)
+        events = bytes(ffi.buffer(ffi.addressof(area, "events")))
+    else:
+        regs, sregs, events = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_vcpu_events()
     kvm_cpuid = vcpu.get_cpuid2() if diagnose or vcpu.cpuid is None else None
     cpuid = vcpu.cpuid if vcpu.cpuid is not None else kvm_cpuid
     msr_indices = msr_indices if msr_indices is not None else _saveable_msrs_cached(vcpu, cpuid)
@@ -214,15 +239,15 @@ def save_state(vcpu, msr_indices=None, diagnose=False):
     return VcpuState(
         cpuid=cpuid,
         mp_state=vcpu.get_mp_state(),
-        regs=vcpu.get_regs(),
-        sregs=vcpu.get_sregs(),
+        regs=regs,
+        sregs=sregs,
         xsave=vcpu.get_xsave(),
         xcrs=vcpu.get_xcrs(),
         msrs=msrs,
-        events=vcpu.get_vcpu_events(),
+        events=events,
         debugregs=vcpu.get_debugregs(),
         lapic=vcpu.get_lapic() if vcpu.vm.has_irqchip else None,
-        tsc_khz=vcpu.get_tsc_khz(),
+        tsc_khz=vcpu.tsc_khz(),
         cpuid_kvm=None if kvm_cpuid is None or kvm_cpuid == cpuid else kvm_cpuid,
     )
 
@@ -253,6 +278,8 @@ def restore_state(vcpu, state, order=None):
     vcpu.kvm_run.kvm_dirty_regs = 0
     msrs = dict(state.msrs)
     deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
+    if deadline is not None:
+        msrs[MSR_IA32_TSC_DEADLINE] = deadline  # KVM writes the entries in order: this one last
     steps = {
         # a vCPU that already holds exactly this CPUID (from us) needs no second KVM_SET_CPUID2
         "cpuid": lambda: (vcpu.cpuid is state.cpuid or vcpu.cpuid == state.cpuid
@@ -261,7 +288,6 @@ def restore_state(vcpu, state, order=None):
         "sregs": lambda: vcpu.set_sregs(state.sregs),
         "lapic": lambda: state.lapic is not None and vcpu.set_lapic(state.lapic),
         "msrs": lambda: msrs and vcpu.set_msrs(msrs),
-        "tsc_deadline": lambda: deadline is not None and vcpu.set_msrs({MSR_IA32_TSC_DEADLINE: deadline}),
         "xcrs": lambda: vcpu.set_xcrs(state.xcrs),
         "xsave": lambda: vcpu.set_xsave(state.xsave),
         "events": lambda: vcpu.set_vcpu_events(state.events),
@@ -273,12 +299,12 @@ def restore_state(vcpu, state, order=None):
         steps[step]()
 
 
-RESTORE_ORDER = ("cpuid", "tsc_khz", "sregs", "lapic", "msrs", "tsc_deadline", "xcrs", "xsave",
+RESTORE_ORDER = ("cpuid", "tsc_khz", "sregs", "lapic", "msrs", "xcrs", "xsave",
                  "events", "mp_state", "debugregs", "regs")
 
 
 def _set_tsc_khz(vcpu, khz):
-    if not khz or vcpu.get_tsc_khz() == khz:
+    if not khz or vcpu.tsc_khz() == khz:
         return
     if not vcpu.vm.kvm.check_extension(lib.KVM_CAP_TSC_CONTROL):
         raise StateError(f"the guest ran with a {khz} kHz TSC, this host's is {vcpu.get_tsc_khz()} kHz "

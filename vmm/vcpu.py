@@ -34,6 +34,7 @@ class Vcpu:
         self.id = vcpu_id
         self.cpuid = None  # the table last given to KVM_SET_CPUID2 (KVM_GET_CPUID2 may differ)
         self._mxcsr_mask = None
+        self._tsc_khz = None
         size = vm.kvm.get_vcpu_mmap_size()
         self._run_mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_buf = ffi.from_buffer(self._run_mm)
@@ -113,10 +114,16 @@ class Vcpu:
         ioctl(self.fd, "KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": state}))
 
     def get_tsc_khz(self):
-        return ioctl(self.fd, "KVM_GET_TSC_KHZ")
+        khz = self._tsc_khz = ioctl(self.fd, "KVM_GET_TSC_KHZ")
+        return khz
 
     def set_tsc_khz(self, khz):
         ioctl(self.fd, "KVM_SET_TSC_KHZ", khz)
+        self._tsc_khz = None  # KVM may round it: read it back when next asked
+
+    def tsc_khz(self):
+        """The TSC rate, read once: it changes only through KVM_SET_TSC_KHZ on this vCPU."""
+        return self._tsc_khz if self._tsc_khz is not None else self.get_tsc_khz()
 
     # --- XCRs ---------------------------------------------------------------------------------
     def get_xcrs(self):
@@ -135,22 +142,20 @@ class Vcpu:
     def get_msrs(self, indices):
         """KVM_GET_MSRS: {index: value}. Raises KvmError naming the first MSR KVM would not read."""
         indices = list(indices)
-        c = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
-        for i, idx in enumerate(indices):
-            c.entries[i].index = idx
+        c = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices),
+                                          "entries": [{"index": i} for i in indices]})
         n = ioctl(self.fd, "KVM_GET_MSRS", c)
         if n < len(indices):
             raise KvmError("KVM_GET_MSRS", errno.EINVAL, detail=f"MSR 0x{indices[n]:x}",
                            hint=f"KVM read {n} of {len(indices)} MSRs and stopped at MSR 0x{indices[n]:x}: "
                                 "this vCPU does not have it (feature absent from guest CPUID?)")
-        return {c.entries[i].index: c.entries[i].data for i in range(n)}
+        return {e.index: e.data for e in c.entries[0:n]}
 
     def set_msrs(self, values):
         """KVM_SET_MSRS from {index: value}; raises KvmError naming the first MSR KVM rejected."""
         items = list(values.items())
-        c = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
-        for i, (idx, v) in enumerate(items):
-            c.entries[i].index, c.entries[i].data = idx, v
+        c = ffi.new("struct kvm_msrs *", {"nmsrs": len(items),
+                                          "entries": [{"index": i, "data": v} for i, v in items]})
         n = ioctl(self.fd, "KVM_SET_MSRS", c)
         if n < len(items):
             idx, v = items[n]
