@@ -10,7 +10,8 @@ import zlib
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from vmm import snapshot, state
+from vmm import amx, snapshot, state
+from vmm.errors import KvmError
 from vmm.cpuid import CpuidTable
 from vmm.guest.machine import Machine
 from vmm.snapshot import SnapshotError
@@ -120,9 +121,13 @@ def test_a_host_that_cannot_provide_the_guest_is_told_what_is_missing(tmp_path, 
     assert "GenuineIntel" in problems and "AMX_TILE" in problems
     assert "XTILEDATA (18)" in problems and "opmask (5) is 64@1088 in the snapshot, 64@832 here" in problems
     fds = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(SnapshotError, match="cannot restore"):
+    with pytest.raises(SnapshotError, match="cannot restore") as ei:
         Machine.from_snapshot(snap, kvm=kvm)
     assert len(os.listdir("/proc/self/fd")) == fds
+    try:  # the restore asks for the AMX guest permission the guest needs, first
+        amx.req_xcomp_guest_perm()
+    except KvmError as e:
+        assert f"cannot get the guest permission: {e}" in str(ei.value)
 
 
 @pytest.mark.kvm
@@ -166,3 +171,36 @@ def test_fuzz_mutated_snapshots_give_only_clean_errors(tmp_path, snap_file, edit
     # every mutation changes the file, so every load must be refused, and only with SnapshotError
     with pytest.raises(SnapshotError):
         snapshot.load(str(p))
+
+
+RESTORE_AMX = """
+import sys
+from vmm import snapshot
+from vmm.guest.machine import Machine
+snap = snapshot.load(sys.argv[1])
+with Machine.from_snapshot(snap) as m:  # asks for the AMX guest permission before its vCPU
+    assert m.vcpu.get_xsave() == snap.vcpus[0].xsave, "XSAVE (with the tile data) differs"
+    print(m.run(timeout=10))
+"""
+
+
+@pytest.mark.amx
+def test_amx_guest_snapshot_restores_in_a_fresh_process(tmp_path, kvm):
+    """On AMX hosts: the amx guest, snapshotted with TMM0 loaded (SYNC 1), restores in a process
+    that never asked for AMX itself, with its 11 KiB XSAVE area intact, and reaches SYNC 2."""
+    try:  # KVM reports AMX only after this process has the guest permission (test_amx asks at import)
+        amx.req_xcomp_guest_perm()
+        problems = amx.host_problems(kvm.get_supported_cpuid(), amx.get_xcomp_supp())
+    except KvmError as e:
+        problems = [str(e)]
+    if problems:
+        if os.environ.get("VMM_REQUIRE_AMX") == "1":
+            pytest.fail(f"VMM_REQUIRE_AMX=1: no AMX on this host: {problems[0]}", pytrace=False)
+        pytest.skip(f"no AMX on this host: {problems[0]}")
+    path = tmp_path / "amx.snap"
+    r = vmm("snapshot", "amx", "--amx", "-o", str(path))
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", RESTORE_AMX, str(path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "sync 0x2"

@@ -409,11 +409,26 @@ def host_problems(snap, kvm):
     return problems
 
 
+def _request_amx_permission(snap):
+    """A guest with XTILEDATA in its XCR0 needs this process's AMX guest permission before the
+    first vCPU exists (and before KVM reports the larger XSAVE size): ask for it first."""
+    from . import amx
+    from .errors import KvmError
+    if not snap.guest_cpuid().xcr0_supported() & amx.XFEATURE_MASK_XTILEDATA:
+        return []
+    try:
+        amx.req_xcomp_guest_perm(amx.XFEATURE_XTILEDATA)
+    except KvmError as e:
+        return [f"the guest uses AMX (XTILEDATA) and this process cannot get the guest permission: {e}"]
+    return []
+
+
 def restore(snap, kvm):
     """Build a VM from a validated snapshot: memory mapped from the file, then VM and vCPU state.
     Returns (vm, vcpus); the caller owns the VM."""
     from .state import restore_state
-    problems = host_problems(snap, kvm)
+    problems = _request_amx_permission(snap)
+    problems += host_problems(snap, kvm)
     if problems:
         raise SnapshotError(f"{snap.path}: this host cannot restore the snapshot:\n  - "
                             + "\n  - ".join(problems))

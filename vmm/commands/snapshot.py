@@ -20,17 +20,18 @@ from .common import (EXIT_GUEST, EXIT_OK, _emit, console_echo, device_option, ha
 @click.option("--memory", "memory_mib", type=int, default=4, show_default=True, help="Guest RAM in MiB.")
 @click.option("--cpu", "cpu_file", type=click.Path(), default=None, help="Guest CPUID JSON (vmm baseline).")
 @click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option("--amx", is_flag=True, help="Expose AMX to the guest (requests arch_prctl guest permission first).")
 @device_option
 @json_option
 @handle_errors
-def snapshot_cmd(guest, output, at_sync, vcpus, memory_mib, cpu_file, timeout, device, as_json):
+def snapshot_cmd(guest, output, at_sync, vcpus, memory_mib, cpu_file, timeout, amx, device, as_json):
     """Run GUEST to its N-th SYNC on every vCPU and write a snapshot of the whole VM to FILE."""
     from .. import snapshot, state
     from ..guest.machine import Machine
     if at_sync < 1 or vcpus < 1:
         raise ValueError("--at-sync and --vcpus must be at least 1")
     with Machine(guest, vcpus=vcpus, memory=memory_mib << 20, cpuid=load_cpu(cpu_file), device=device,
-                 on_console=console_echo(as_json)) as m:
+                 on_console=console_echo(as_json), amx=amx) as m:
         for i in range(vcpus):
             run_to_sync(m, at_sync, timeout, vcpu=i)
         t0 = time.monotonic()

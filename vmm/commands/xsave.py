@@ -160,10 +160,11 @@ def _layout(dump, device, as_json):
               help="Read the state at the guest's N-th SYNC (0: before it runs).")
 @click.option("--raw", is_flag=True, help="The raw buffer (hex dump; with --json a hex string).")
 @click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option("--amx", is_flag=True, help="Expose AMX to the guest (requests arch_prctl guest permission first).")
 @device_option
 @json_option
 @handle_errors
-def xsave(guest, layout, dump, xcr0, at_sync, raw, timeout, device, as_json):
+def xsave(guest, layout, dump, xcr0, at_sync, raw, timeout, amx, device, as_json):
     """Run GUEST to a SYNC and print its XSAVE area as KVM returns it: size, XSTATE_BV, the
     components present (marking any the guest's XCR0 does not enable) and the non-zero registers.
     With --layout, print the layout table instead."""
@@ -181,8 +182,11 @@ def xsave(guest, layout, dump, xcr0, at_sync, raw, timeout, device, as_json):
     mask = None if xcr0 is None else parse_mask(xcr0)
     from ..guest.machine import Machine
     with Kvm(device) as k:
+        if amx:  # before anything reads the supported CPUID or creates a vCPU
+            from ..amx import req_xcomp_guest_perm
+            req_xcomp_guest_perm()
         check_xcr0(k, mask)
-        with Machine(guest, kvm=k, xcr0=mask, on_console=console_echo(as_json)) as m:
+        with Machine(guest, kvm=k, xcr0=mask, amx=amx, on_console=console_echo(as_json)) as m:
             info = inspect(m, at_sync, timeout)
     if as_json:
         _emit(_json(guest, at_sync, info, raw))
