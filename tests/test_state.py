@@ -105,12 +105,22 @@ def test_tsc_deadline_survives_only_with_the_lapic_restored_first(kvm):
         assert dst.vcpu.get_msrs([MSR_TSC_DEADLINE])[MSR_TSC_DEADLINE] == deadline
 
 
-def test_wrong_xsave_size_is_refused_before_any_ioctl(machine):
-    m = machine("sync")
-    m.run(timeout=5)
+def test_xsave_size_follows_the_process_not_the_guest(machine):
+    """The buffer size is the process's (KVM_CAP_XSAVE2 grows with the AMX permission): zeros beyond
+    this vCPU's size are cut or added on restore, real state there is refused before any ioctl."""
+    m = machine("checkpoint")
+    m.run(timeout=10)
     s = state.save_state(m.vcpu)
-    s.xsave = s.xsave + bytes(4096)
+    assert state.fit_xsave(s.xsave[:3000], 4096) == s.xsave[:3000] + bytes(1096)
+    s.xsave = s.xsave + bytes(4096)  # as saved by a process with the AMX permission
+    dst = machine("hello")
+    dst.vm.write(0, m.vm.read(0, m.memory.size))
+    state.restore_state(dst.vcpu, s)
+    assert dst.vcpu.get_xsave() == s.xsave[:4096]
+    assert isinstance(dst.run(timeout=10), Done)
+
+    s.xsave = s.xsave[:4096] + b"\x01" + bytes(4095)  # tile data this process may not have
     before = m.vcpu.get_regs()
-    with pytest.raises(StateError, match="8192 bytes but this vCPU's is 4096"):
+    with pytest.raises(StateError, match="state beyond byte 4096"):
         state.restore_state(m.vcpu, s)
     assert m.vcpu.get_regs() == before

@@ -257,6 +257,12 @@ def load_host(spec, device="/dev/kvm"):
 
 # --- a guest ---------------------------------------------------------------------------------------
 @dataclass
+def _xsave_needed(buf):
+    """Bytes of a saved XSAVE area a destination must take: the buffer size follows the saving
+    process's AMX permission, and a zero tail may be cut on restore (vmm.state.fit_xsave)."""
+    return min(len(buf), max(4096, len(buf.rstrip(b"\0"))))
+
+
 class Guest:
     """A guest and the state it carries."""
 
@@ -285,7 +291,7 @@ class Guest:
             except XsaveError:
                 layout = None
         return cls(label=label, kind="snapshot", cpuid=snap.guest_cpuid(),
-                   xsave_sizes=[len(s.xsave) for s in snap.vcpus],
+                   xsave_sizes=[_xsave_needed(s.xsave) for s in snap.vcpus],
                    xstate_bv=_or(_bv(s.xsave) for s in snap.vcpus),
                    xcr0=_or(s.xcrs.get(0, 0) for s in snap.vcpus),
                    msrs=set().union(*(s.msrs for s in snap.vcpus)) if snap.vcpus else set(),

@@ -357,17 +357,17 @@ class FastVcpu:
         if self.vcpu.cpuid is None or state.cpuid != self.vcpu.cpuid:
             self.vcpu.set_cpuid2(state.cpuid)
             self.refresh()
-        check_restorable(self.vcpu, state)
-        self._validate_xsave(state.xsave)
+        xsave = check_restorable(self.vcpu, state)  # the image at this vCPU's XSAVE size
+        self._validate_xsave(xsave)
         if state.tsc_khz and state.tsc_khz != self.tsc_khz:
             _set_tsc_khz(self.vcpu, state.tsc_khz)
             self.tsc_khz = self.vcpu.get_tsc_khz()
         msrs = dict(state.msrs)
         deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
         order = list(msrs) + ([MSR_IA32_TSC_DEADLINE] if deadline is not None else [])
-        if st is None or st.msr_indices != tuple(order) or st.xsave_size != len(state.xsave) \
+        if st is None or st.msr_indices != tuple(order) or st.xsave_size != len(xsave) \
                 or bool(st.c.has_lapic) != (state.lapic is not None):
-            st = FastState(order, len(state.xsave), state.lapic is not None)
+            st = FastState(order, len(xsave), state.lapic is not None)
         c = st.c
         state.regs.to_c(c.regs)
         state.sregs.to_c(c.sregs)
@@ -385,7 +385,7 @@ class FastVcpu:
         for i, m in enumerate(order):
             st._msrs.entries[i].data = deadline if m == MSR_IA32_TSC_DEADLINE and deadline is not None \
                 else msrs[m]
-        ffi.memmove(st._xsave, state.xsave, len(state.xsave))
+        ffi.memmove(st._xsave, xsave, len(xsave))
         c.trusted = 0
         st.owner = None
         return st

@@ -400,11 +400,14 @@ def host_problems(snap, kvm):
         elif (g.offset, g.size) != (h.offset, h.size):
             problems.append(f"XSAVE component {g.name} ({idx}) is {g.size}@{g.offset} in the snapshot, "
                             f"{h.size}@{h.offset} here")
+    from .state import fit_xsave
+    from .errors import StateError
     here = kvm.check_extension("KVM_CAP_XSAVE2") or 4096
     for i, s in enumerate(snap.vcpus):
-        if len(s.xsave) > here:
-            problems.append(f"vCPU {i}: the XSAVE area is {len(s.xsave)} bytes, this host's KVM_CAP_XSAVE2 is "
-                            f"{here} (AMX permission not granted?)")
+        try:
+            fit_xsave(s.xsave, here)
+        except StateError as e:
+            problems.append(f"vCPU {i}: {e}")
             break
     return problems
 

@@ -253,12 +253,26 @@ def save_state(vcpu, msr_indices=None, diagnose=False):
 
 
 # --- restore ---------------------------------------------------------------------------------------
+def fit_xsave(buf, size):
+    """The XSAVE image at `size` bytes, when that loses nothing, else StateError.
+
+    The buffer size follows the process's AMX guest permission (KVM_CAP_XSAVE2), not the guest: a
+    guest without AMX saved by a process that had the permission carries 11008 bytes whose tail is
+    zero, and one saved without it carries 4096. Zeros may be cut or added; real state may not."""
+    if len(buf) == size:
+        return buf
+    if len(buf) < size:
+        return buf + bytes(size - len(buf))
+    if any(buf[size:]):
+        raise StateError(f"the saved XSAVE area is {len(buf)} bytes with state beyond byte {size}, this "
+                         f"vCPU's area is {size} bytes (KVM_CAP_XSAVE2): the guest has state (AMX tile "
+                         "data?) this process has no XSAVE permission for")
+    return buf[:size]
+
+
 def check_restorable(vcpu, state):
-    """Refuse, before any ioctl, state this vCPU cannot take."""
-    size = vcpu.xsave_size()
-    if len(state.xsave) != size:
-        raise StateError(f"the saved XSAVE area is {len(state.xsave)} bytes but this vCPU's is {size} "
-                         "(KVM_CAP_XSAVE2): the source host had a different XSAVE size (AMX permission?)")
+    """Refuse, before any ioctl, state this vCPU cannot take. Returns the XSAVE image to load."""
+    xsave = fit_xsave(state.xsave, vcpu.xsave_size())
     gated = set(FEATURE_GATED_MSRS)
     allowed = set(gated_msrs(state.cpuid))
     stray = sorted(m for m in state.msrs if m in gated and m not in allowed)
@@ -267,13 +281,14 @@ def check_restorable(vcpu, state):
                          + ", ".join(f"0x{m:x} ({'/'.join(FEATURE_GATED_MSRS[m])})" for m in stray))
     if state.lapic is not None and not vcpu.vm.has_irqchip:
         raise StateError("the state has LAPIC registers but this VM has no in-kernel irqchip")
+    return xsave
 
 
 def restore_state(vcpu, state, order=None):
     """Load `state` into `vcpu` in the documented order (see the module docstring).
 
     `order` exists for the test that demonstrates why the order matters; callers leave it None."""
-    check_restorable(vcpu, state)
+    xsave = check_restorable(vcpu, state)
     # regs/sregs/events a fast-path restore left in kvm_run would overwrite these at the next KVM_RUN
     vcpu.kvm_run.kvm_dirty_regs = 0
     msrs = dict(state.msrs)
@@ -289,7 +304,7 @@ def restore_state(vcpu, state, order=None):
         "lapic": lambda: state.lapic is not None and vcpu.set_lapic(state.lapic),
         "msrs": lambda: msrs and vcpu.set_msrs(msrs),
         "xcrs": lambda: vcpu.set_xcrs(state.xcrs),
-        "xsave": lambda: vcpu.set_xsave(state.xsave),
+        "xsave": lambda: vcpu.set_xsave(xsave),
         "events": lambda: vcpu.set_vcpu_events(state.events),
         "mp_state": lambda: vcpu.set_mp_state(state.mp_state),
         "debugregs": lambda: vcpu.set_debugregs(state.debugregs),
