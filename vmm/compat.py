@@ -256,13 +256,13 @@ def load_host(spec, device="/dev/kvm"):
 
 
 # --- a guest ---------------------------------------------------------------------------------------
-@dataclass
 def _xsave_needed(buf):
     """Bytes of a saved XSAVE area a destination must take: the buffer size follows the saving
     process's AMX permission, and a zero tail may be cut on restore (vmm.state.fit_xsave)."""
     return min(len(buf), max(4096, len(buf.rstrip(b"\0"))))
 
 
+@dataclass
 class Guest:
     """A guest and the state it carries."""
 
