@@ -59,6 +59,11 @@ _HINTS = {
 }
 
 
+def errno_name(err):
+    """The kernel's name of an errno: Linux calls 95 EOPNOTSUPP (Python's table says ENOTSUP)."""
+    return "EOPNOTSUPP" if err == _errno.EOPNOTSUPP else _errno.errorcode.get(err, str(err))
+
+
 def hint_for(call, err):
     return _HINTS.get((call, err)) or _HINTS.get((None, err)) or "see the KVM API documentation for this ioctl"
 
@@ -69,8 +74,7 @@ class KvmError(VmmError, OSError):
     def __init__(self, ioctl, err, hint=None, detail=None):
         self.ioctl = ioctl
         self.errno = err
-        # Linux's name for 95 is EOPNOTSUPP (Python's table says ENOTSUP, the same number)
-        self.errno_name = "EOPNOTSUPP" if err == _errno.EOPNOTSUPP else _errno.errorcode.get(err, str(err))
+        self.errno_name = errno_name(err)
         self.hint = hint or hint_for(ioctl, err)
         self.detail = detail
         what = f"{ioctl}{' (' + detail + ')' if detail else ''}"

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import KvmError, VmmError
+from .errors import KvmError, VmmError, errno_name
 
 SCHEMA_ID = "vmm-probe-report/1"
 SCHEMA_PREFIX = "vmm-probe-report/"
@@ -58,12 +58,6 @@ class ReportError(VmmError):
 
 
 # --- small helpers ---------------------------------------------------------------------------------
-def errno_name(err):
-    if err == _errno.EOPNOTSUPP:  # Python spells 95 ENOTSUP; the kernel returns it as EOPNOTSUPP
-        return "EOPNOTSUPP"
-    return _errno.errorcode.get(err, str(err))
-
-
 def kernel_version(release=None):
     """(major, minor, patch) of a kernel release string such as '6.18.44-fc-v657'."""
     release = os.uname().release if release is None else release
