@@ -58,6 +58,9 @@ def test_caps_and_guests():
     (("run", "/nonexistent/g.bin"), "does not exist"),
     (("run", "--device", "/nonexistent/kvm"), "no KVM on this host"),
     (("caps", "--device", "/nonexistent/kvm"), "ENOENT"),
+    (("snapshot", "sync", "-o", "/nonexistent/dir/s.snap"), "directory /nonexistent/dir does not exist"),
+    (("run", "sync", "--timeout", "-1"), "not in the range"),
+    (("restore", "/nonexistent/s.snap"), "cannot open"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     r = vmm(*args)

@@ -62,7 +62,10 @@ class GuestMemory:
         if self._mm is not None:
             ffi.release(self._buf)
             self._buf = None
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a caller still holds a view: the mapping goes when the last view does
             self._mm = None
 
     def __enter__(self):

@@ -144,8 +144,8 @@ def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None):
     mems = []
     for slot, mem in enumerate(vm.memory):
         runs = _extents(mem)
-        view = mem.view
-        ext = [[off, n, zlib.crc32(view[off:off + n])] for off, n in runs]
+        with mem.view as view:  # released here: an open view would keep the mapping from closing
+            ext = [[off, n, zlib.crc32(view[off:off + n])] for off, n in runs]
         meta["vm"]["memory"].append({"slot": slot, "gpa": mem.gpa, "size": mem.size, "extents": ext})
         mems.append((f"mem.{slot}", mem, runs))
     blobs.insert(0, ("meta", json.dumps(meta).encode()))
@@ -181,13 +181,14 @@ def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None):
                 f.write(data)
             progress = _Progress(sum(n for _, _, runs in mems for _, n in runs), "saving guest memory")
             for (tag, mem, runs), (_, base, *_rest) in zip(mems, entries[len(blobs):]):
-                view = mem.view
-                for off, n in runs:
-                    f.seek(base + off)
-                    for c in range(off, off + n, 16 << 20):  # bounded chunks for the progress line
-                        chunk = view[c:min(c + (16 << 20), off + n)]
-                        f.write(chunk)
-                        progress.add(len(chunk))
+                with mem.view as view:
+                    for off, n in runs:
+                        f.seek(base + off)
+                        for c in range(off, off + n, 16 << 20):  # bounded chunks for the progress line
+                            chunk = view[c:min(c + (16 << 20), off + n)]
+                            f.write(chunk)
+                            progress.add(len(chunk))
+                            chunk.release()
             f.truncate(total)  # the tail of the last section may be a hole
             f.flush()
             os.fsync(f.fileno())

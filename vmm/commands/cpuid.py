@@ -96,7 +96,7 @@ def _xcr0_option(value):
               help="With --vcpu: run the guest to its N-th SYNC first (0: before it runs).")
 @click.option("--feature", "features", metavar="NAME", multiple=True,
               help="Show only these named features (e.g. AVX512F, XSAVE); repeatable.")
-@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True)
 @device_option
 @json_option
 @handle_errors

@@ -19,7 +19,7 @@ from .common import (EXIT_GUEST, EXIT_OK, _emit, console_echo, device_option, ha
 @click.option("--vcpus", type=int, default=1, show_default=True)
 @click.option("--memory", "memory_mib", type=int, default=4, show_default=True, help="Guest RAM in MiB.")
 @click.option("--cpu", "cpu_file", type=click.Path(), default=None, help="Guest CPUID JSON (vmm baseline).")
-@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True)
 @click.option("--amx", is_flag=True, help="Expose AMX to the guest (requests arch_prctl guest permission first).")
 @device_option
 @json_option
@@ -30,6 +30,9 @@ def snapshot_cmd(guest, output, at_sync, vcpus, memory_mib, cpu_file, timeout, a
     from ..guest.machine import Machine
     if at_sync < 1 or vcpus < 1:
         raise ValueError("--at-sync and --vcpus must be at least 1")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):  # before the guest runs, not after
+        raise ValueError(f"cannot write {output}: directory {out_dir} does not exist")
     with Machine(guest, vcpus=vcpus, memory=memory_mib << 20, cpuid=load_cpu(cpu_file), device=device,
                  on_console=console_echo(as_json), amx=amx) as m:
         for i in range(vcpus):
@@ -54,7 +57,7 @@ def snapshot_cmd(guest, output, at_sync, vcpus, memory_mib, cpu_file, timeout, a
 
 @click.command("restore")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True)
 @device_option
 @json_option
 @handle_errors
