@@ -49,15 +49,25 @@ def test_state_json_round_trip(machine):
         state.VcpuState.from_json({"regs": {}})
 
 
-def test_feature_gated_msrs_follow_guest_cpuid(machine):
+def test_feature_gated_msrs_follow_guest_cpuid(machine, kvm):
     """XFD/XFD_ERR (and XSS, CET, TSC_AUX) are saved only when the guest CPUID has the feature;
     restore refuses state that carries them for a guest without it."""
+    from vmm.guest.machine import default_guest_cpuid
     m = machine("sync")
     m.run(timeout=5)
-    assert not m.cpuid.has("XFD")
+    assert not m.cpuid.has("XFD") and not m.cpuid.has("RDTSCP")
     s = state.save_state(m.vcpu)
-    assert state.MSR_IA32_XFD not in s.msrs and state.MSR_IA32_XFD_ERR not in s.msrs
-    assert set(state.gated_msrs(m.cpuid)) & set(s.msrs) == set(state.gated_msrs(m.cpuid)) & set(s.msrs)
+    assert not set(s.msrs) & set(state.FEATURE_GATED_MSRS)  # none given, none saved
+
+    with_rdtscp = default_guest_cpuid(kvm)
+    with_rdtscp.set_feature("RDTSCP")  # TSC_AUX exists for this guest
+    m2 = machine("sync", cpuid=with_rdtscp)
+    m2.run(timeout=5)
+    m2.vcpu.set_msrs({state.MSR_TSC_AUX: 7})
+    s2 = state.save_state(m2.vcpu)
+    assert {i for i in s2.msrs if i in state.FEATURE_GATED_MSRS} == {state.MSR_TSC_AUX}
+    assert s2.msrs[state.MSR_TSC_AUX] == 7
+
     s.msrs[state.MSR_IA32_XFD] = 0
     with pytest.raises(StateError, match=r"0x1c4 \(XFD\)"):
         state.restore_state(machine("sync").vcpu, s)
