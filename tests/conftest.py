@@ -8,6 +8,28 @@ import pytest
 DEVICE = os.environ.get("VMM_DEVICE", "/dev/kvm")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# The AMX guest permission belongs to the process, cannot be undone, and changes what KVM answers
+# (KVM_CAP_XSAVE2, supported CPUID leaf 0xD) for every later test. So tests marked `amx` run in a
+# pytest process of their own (`pytest -m amx`), which asks for it at start-up, before any vCPU.
+AMX_PROCESS = False
+AMX_PERMISSION_ERROR = None  # the KvmError of the request in the AMX process, if it failed
+XCOMP_SUPP = DEFAULT_GUEST_PERM = 0
+
+
+def pytest_configure(config):
+    global AMX_PROCESS, AMX_PERMISSION_ERROR, XCOMP_SUPP, DEFAULT_GUEST_PERM
+    if (config.getoption("markexpr") or "").replace(" ", "") != "amx":
+        return
+    from vmm import amx
+    from vmm.errors import KvmError
+    AMX_PROCESS = True
+    XCOMP_SUPP = amx.get_xcomp_supp()
+    DEFAULT_GUEST_PERM = amx.get_xcomp_guest_perm()
+    try:
+        amx.req_xcomp_guest_perm(amx.XFEATURE_XTILEDATA)
+    except KvmError as e:  # reported by the tests that need it, with the host's errno
+        AMX_PERMISSION_ERROR = e
+
 
 def _require_kvm():
     if os.path.exists(DEVICE) and os.access(DEVICE, os.R_OK | os.W_OK):
@@ -22,6 +44,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "kvm" in getattr(item, "fixturenames", ()) or "machine" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.kvm)
+        if item.get_closest_marker("amx") and not AMX_PROCESS:
+            item.add_marker(pytest.mark.skip(
+                reason="AMX tests run in a pytest process of their own, which asks for the AMX guest "
+                       "permission first: `pytest -m amx` (make test runs both)"))
 
 
 def pytest_runtest_setup(item):

@@ -1,7 +1,8 @@
-"""AMX on real KVM. Tests marked `amx` need a host with AMX (AMX CI runs `pytest -m amx`); they
-skip elsewhere with the host's reason (VMM_REQUIRE_AMX=1 makes that a failure). The others run on
-every host and check what it does: the permission request, KVM_CAP_XSAVE2, the EPERM of
-KVM_SET_CPUID2 without permission, XFD/XFD_ERR gating, and the CLI."""
+"""AMX on real KVM, in the AMX process (`pytest -m amx`; make test runs it first). The tests that
+need AMX hardware use the `amx_host` fixture and skip elsewhere with the host's reason
+(VMM_REQUIRE_AMX=1 makes that a failure). The others run on every host and check what it does: the
+permission request, KVM_CAP_XSAVE2, the EPERM of KVM_SET_CPUID2 without permission, XFD/XFD_ERR
+gating, and the CLI."""
 
 import errno
 import json
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import conftest
 import pytest
 
 from vmm import amx
@@ -23,16 +25,13 @@ XTILE, XTILEDATA = amx.XFEATURE_MASK_XTILE, amx.XFEATURE_MASK_XTILEDATA
 CR0_TS = 1 << 3
 NM_VECTOR = 7
 
-# The guest permission is per process and the first vCPU locks it (later requests: EBUSY).
-# pytest imports this module while collecting, before any test creates a vCPU: request it here.
-XCOMP_SUPP = DEFAULT_GUEST_PERM = 0
-try:
-    XCOMP_SUPP = amx.get_xcomp_supp()
-    DEFAULT_GUEST_PERM = amx.get_xcomp_guest_perm()
-    amx.req_xcomp_guest_perm(amx.XFEATURE_XTILEDATA)
-    PERMISSION_ERROR = None
-except KvmError as e:  # reported by the tests, not at collection
-    PERMISSION_ERROR = e
+# The AMX guest permission is per process, and the first vCPU locks it (later requests: EBUSY).
+# Every test here runs in the AMX process (`pytest -m amx`), which conftest.py has asked for it
+# before any vCPU existed; these are the host's answers.
+pytestmark = pytest.mark.amx
+XCOMP_SUPP = conftest.XCOMP_SUPP
+DEFAULT_GUEST_PERM = conftest.DEFAULT_GUEST_PERM
+PERMISSION_ERROR = conftest.AMX_PERMISSION_ERROR
 
 
 def _vmm(*args):

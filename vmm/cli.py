@@ -20,7 +20,7 @@ def main():
 
 @main.command()
 @click.argument("guest", default="hello")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Wall-clock limit, seconds.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True, help="Wall-clock limit, seconds.")
 @click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True,
               help="Privilege level of the payload (0 is emulated on PVM hosts).")
 @click.option("--memory", "memory_mib", type=int, default=4, show_default=True, help="Guest RAM in MiB.")

@@ -962,6 +962,7 @@ def run_checks(device="/dev/kvm", names=None, kernel=None):
 def host_info(device="/dev/kvm"):
     """The host fingerprint (as snapshots record it) plus what compat needs to judge a destination."""
     from . import amx
+    from .cpuid import CpuidTable
     from .kvm import Kvm
     from .snapshot import host_fingerprint
 
@@ -972,7 +973,9 @@ def host_info(device="/dev/kvm"):
             return None
     with Kvm(device) as k:
         fp = host_fingerprint(k)
-        supported = k.get_supported_cpuid()
+        # the same table as the fingerprint's: a second read could answer from another CPU
+        # (leaf 1 EBX[31:24] and leaf 0xB EDX carry the APIC ID of the CPU that ran the ioctl)
+        supported = CpuidTable.from_json(fp["supported_cpuid"])
         with k.create_vm() as vm:
             vm_xsave2 = vm.xsave2_size()
         fp.update({

@@ -67,6 +67,8 @@ def console_echo(as_json):
 def run_to_sync(m, n=1, timeout=10.0, vcpu=0):
     """Run vCPU `vcpu` until its n-th SYNC (1-based); any other ending is an error."""
     from ..guest.runner import Sync
+    if n < 1:
+        raise VmmError(f"SYNC numbers start at 1, not {n}")
     deadline = time.monotonic() + timeout
     for i in range(n):
         ev = m.run(timeout=max(deadline - time.monotonic(), 1e-3), vcpu=vcpu)

@@ -92,11 +92,11 @@ def _xcr0_option(value):
               help="A CPUID dump (CPUID <leaf>: eax-ebx-ecx-edx [SL n]) or `vmm cpuid --json` file.")
 @click.option("--xcr0", metavar="MASK", help="With --vcpu: limit the guest CPUID and XCR0 to MASK "
                                              "(0x7 or x87|SSE|AVX).")
-@click.option("--at-sync", "at_sync", type=int, default=0, show_default=True,
+@click.option("--at-sync", "at_sync", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --vcpu: run the guest to its N-th SYNC first (0: before it runs).")
 @click.option("--feature", "features", metavar="NAME", multiple=True,
               help="Show only these named features (e.g. AVX512F, XSAVE); repeatable.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True)
 @device_option
 @json_option
 @handle_errors
@@ -124,8 +124,9 @@ def cpuid(supported, guest, dump, xcr0, at_sync, features, timeout, device, as_j
                 if at_sync:
                     run_to_sync(m, at_sync, timeout)
                 table = m.vcpu.get_cpuid2()
-                changed = changed_entries(m.cpuid, table)
-                feature_diff = m.cpuid.diff(table)
+                given = m.vcpu.cpuid  # what vmm gave KVM_SET_CPUID2 (this vCPU's APIC ID)
+                changed = changed_entries(given, table)
+                feature_diff = given.diff(table)
         when = f"at SYNC {at_sync}" if at_sync else "before it runs"
         source = f"KVM_GET_CPUID2 of a vCPU for guest {guest} {when}"
     else:

@@ -9,9 +9,9 @@ from .common import (EXIT_GUEST, EXIT_OK, _emit, console_echo, device_option, ha
                      run_to_end, run_to_sync)
 
 guest_arg = click.argument("guest")
-sync_option = click.option("--at-sync", "at_sync", type=int, default=1, show_default=True,
+sync_option = click.option("--at-sync", "at_sync", type=click.IntRange(min=1), default=1, show_default=True,
                            help="Act at the guest's N-th SYNC.")
-timeout_option = click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True)
+timeout_option = click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True)
 
 
 @click.group("reg")

@@ -14,12 +14,12 @@ from .common import (EXIT_GUEST, EXIT_OK, _emit, console_echo, device_option, ha
 @click.command("snapshot")
 @click.argument("guest")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Snapshot file to write.")
-@click.option("--at-sync", "at_sync", type=int, default=1, show_default=True,
+@click.option("--at-sync", "at_sync", type=click.IntRange(min=1), default=1, show_default=True,
               help="Snapshot when every vCPU has reached its N-th SYNC.")
-@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--vcpus", type=click.IntRange(1, 32), default=1, show_default=True)
 @click.option("--memory", "memory_mib", type=int, default=4, show_default=True, help="Guest RAM in MiB.")
 @click.option("--cpu", "cpu_file", type=click.Path(), default=None, help="Guest CPUID JSON (vmm baseline).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True)
 @click.option("--amx", is_flag=True, help="Expose AMX to the guest (requests arch_prctl guest permission first).")
 @device_option
 @json_option
@@ -57,7 +57,7 @@ def snapshot_cmd(guest, output, at_sync, vcpus, memory_mib, cpu_file, timeout, a
 
 @click.command("restore")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True)
 @device_option
 @json_option
 @handle_errors

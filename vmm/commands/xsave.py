@@ -159,7 +159,7 @@ def _layout(dump, device, as_json):
 @click.option("--at-sync", "at_sync", type=int, default=1, show_default=True,
               help="Read the state at the guest's N-th SYNC (0: before it runs).")
 @click.option("--raw", is_flag=True, help="The raw buffer (hex dump; with --json a hex string).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True)
 @click.option("--amx", is_flag=True, help="Expose AMX to the guest (requests arch_prctl guest permission first).")
 @device_option
 @json_option

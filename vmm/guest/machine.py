@@ -24,6 +24,8 @@ class Machine:
     def __init__(self, guest="hello", cpl=3, memory=runtime.DEFAULT_MEMORY, vcpus=1, kvm=None,
                  cpuid=None, xcr0=None, device=kvm_mod.DEFAULT_DEVICE, on_console=None, irqchip=True,
                  amx=False):
+        if not 1 <= vcpus <= runtime.MAX_VCPUS:
+            raise ValueError(f"the guest runtime lays out 1 to {runtime.MAX_VCPUS} vCPUs, not {vcpus}")
         if memory < runtime.MIN_MEMORY:
             raise ValueError(f"guest memory must be at least {runtime.MIN_MEMORY >> 20} MiB")
         self.image = guest if isinstance(guest, catalog.Image) else catalog.load(guest)

@@ -27,6 +27,7 @@ PAYLOAD_BASE = 0x100000
 SCRATCH_BASE = 0x300000
 USER_STACK_TOP = SCRATCH_BASE
 MIN_MEMORY = 4 << 20
+MAX_VCPUS = 32               # one 64 KiB user stack each, below SCRATCH_BASE and above the payload
 DEFAULT_MEMORY = 4 << 20
 
 # Selectors (GDT index << 3 | RPL)
