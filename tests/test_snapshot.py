@@ -204,3 +204,33 @@ def test_amx_guest_snapshot_restores_in_a_fresh_process(tmp_path, kvm):
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "sync 0x2"
+
+
+def _pit_channel2(raw):
+    from vmm._bindings import ffi
+    c = ffi.new("struct kvm_pit_state2 *")
+    ffi.buffer(c)[:] = raw
+    ch = c.channels[2]
+    return (ch.count, ch.rw_mode, ch.mode, ch.gate, ch.bcd)
+
+
+@pytest.mark.kvm
+def test_pit_state_travels_with_the_snapshot(tmp_path, kvm):
+    """A VM with an in-kernel i8254 gets it back on restore, with the state it had (channel 2
+    programmed to something no fresh PIT has: mode 2, count 0x1234, gate high)."""
+    from vmm._bindings import ffi
+    path = tmp_path / "pit.snap"
+    with Machine("checkpoint", kvm=kvm, pit=True) as m:
+        m.run(timeout=10)
+        c = ffi.new("struct kvm_pit_state2 *")
+        ffi.buffer(c)[:] = m.vm.get_pit2()
+        ch = c.channels[2]
+        ch.count, ch.rw_mode, ch.mode, ch.gate = 0x1234, 3, 2, 1
+        m.vm.set_pit2(bytes(ffi.buffer(c)))
+        assert _pit_channel2(m.vm.get_pit2()) == (0x1234, 3, 2, 1, 0)
+        snapshot.save(str(path), kvm, m.vm, m.vcpus, [state.save_state(m.vcpu)])
+    snap = snapshot.load(str(path))
+    with Machine.from_snapshot(snap, kvm=kvm) as r:
+        assert r.vm.has_pit
+        assert _pit_channel2(r.vm.get_pit2()) == (0x1234, 3, 2, 1, 0)
+        assert r.run(timeout=10).kind == "done"

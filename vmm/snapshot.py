@@ -139,6 +139,8 @@ def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None):
     vm_state = {"clock": vm.get_clock()}
     if vm.has_irqchip:
         vm_state["irqchip"] = {str(c): vm.get_irqchip(c).hex() for c in (0, 1, 2)}
+    if vm.has_pit:
+        vm_state["pit"] = vm.get_pit2().hex()
     blobs = [("vm", json.dumps(vm_state).encode())]
     blobs += [(f"vcpu.{i}", json.dumps(s.to_json()).encode()) for i, s in enumerate(states)]
     mems = []
@@ -446,6 +448,9 @@ def restore(snap, kvm):
                 vm.add_memory(m["size"], m["gpa"], fileobj=f, file_offset=sec.offset)
         for chip, raw in snap.vm.get("irqchip", {}).items():
             vm.set_irqchip(bytes.fromhex(raw))
+        if "pit" in snap.vm:
+            vm.create_pit2()
+            vm.set_pit2(bytes.fromhex(snap.vm["pit"]))
         vcpus = []
         for i, s in enumerate(snap.vcpus):
             v = vm.create_vcpu()

@@ -13,6 +13,7 @@ class Vm:
         self.memory = []  # GuestMemory per slot, slot number = index
         self.vcpus = []
         self.has_irqchip = False
+        self.has_pit = False
 
     # --- capabilities -------------------------------------------------------------------------
     def check_extension(self, cap):
@@ -79,6 +80,7 @@ class Vm:
 
     def create_pit2(self):
         ioctl(self.fd, "KVM_CREATE_PIT2", ffi.new("struct kvm_pit_config *"))
+        self.has_pit = True
 
     def get_pit2(self):
         c = ffi.new("struct kvm_pit_state2 *")

@@ -23,7 +23,7 @@ class Machine:
 
     def __init__(self, guest="hello", cpl=3, memory=runtime.DEFAULT_MEMORY, vcpus=1, kvm=None,
                  cpuid=None, xcr0=None, device=kvm_mod.DEFAULT_DEVICE, on_console=None, irqchip=True,
-                 amx=False):
+                 amx=False, pit=False):
         if not 1 <= vcpus <= runtime.MAX_VCPUS:
             raise ValueError(f"the guest runtime lays out 1 to {runtime.MAX_VCPUS} vCPUs, not {vcpus}")
         if memory < runtime.MIN_MEMORY:
@@ -46,6 +46,8 @@ class Machine:
             self.vm = self.kvm.create_vm()
             if irqchip:
                 self.vm.create_irqchip()
+            if pit:  # the i8254 needs the in-kernel irqchip
+                self.vm.create_pit2()
             self.memory = self.vm.add_memory(memory)
             runtime.install(self.vm, rt, self.image.code, memory)
             self.cpuid = cpuid if cpuid is not None else default_guest_cpuid(self.kvm, xcr0)
