@@ -8,8 +8,8 @@ import click
 
 from . import kvm as kvm_mod
 
-from .commands.common import (EXIT_GUEST, EXIT_OK, _emit, device_option, handle_errors,  # noqa: F401
-                              json_option)
+from .commands.common import (EXIT_GUEST, EXIT_OK, _emit, amx_option, device_option,  # noqa: F401
+                              handle_errors, json_option, timeout_option)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,14 +20,13 @@ def main():
 
 @main.command()
 @click.argument("guest", default="hello")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True, help="Wall-clock limit, seconds.")
+@timeout_option
 @click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True,
               help="Privilege level of the payload (0 is emulated on PVM hosts).")
 @click.option("--memory", "memory_mib", type=int, default=4, show_default=True, help="Guest RAM in MiB.")
 @click.option("--cpu", "cpu_file", type=click.Path(), default=None,
               help="Guest CPUID from a JSON file (vmm cpuid --json / vmm baseline).")
-@click.option("--amx", is_flag=True,
-              help="Expose AMX to the guest (requests arch_prctl guest permission first).")
+@amx_option
 @device_option
 @json_option
 @handle_errors

@@ -36,6 +36,10 @@ def handle_errors(fn):
 device_option = click.option("--device", default=kvm_mod.DEFAULT_DEVICE, show_default=True,
                              help="KVM device node.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+timeout_option = click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0,
+                              show_default=True, help="Wall-clock limit for the guest, seconds.")
+amx_option = click.option("--amx", is_flag=True,
+                          help="Expose AMX to the guest (requests the arch_prctl guest permission first).")
 
 
 

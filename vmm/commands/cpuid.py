@@ -7,7 +7,7 @@ import click
 
 from ..cpuid import REGISTERS, CpuidError, CpuidTable
 from ..xsave import XsaveError, XsaveLayout, mask_names
-from .common import _emit, device_option, handle_errors, json_option, run_to_sync
+from .common import _emit, device_option, handle_errors, json_option, run_to_sync, timeout_option
 
 
 def load_cpuid_file(path):
@@ -96,7 +96,7 @@ def _xcr0_option(value):
               help="With --vcpu: run the guest to its N-th SYNC first (0: before it runs).")
 @click.option("--feature", "features", metavar="NAME", multiple=True,
               help="Show only these named features (e.g. AVX512F, XSAVE); repeatable.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True)
+@timeout_option
 @device_option
 @json_option
 @handle_errors

@@ -6,12 +6,11 @@ import click
 
 from .. import regs
 from .common import (EXIT_GUEST, EXIT_OK, _emit, console_echo, device_option, handle_errors, json_option,
-                     run_to_end, run_to_sync)
+                     run_to_end, run_to_sync, timeout_option)
 
 guest_arg = click.argument("guest")
 sync_option = click.option("--at-sync", "at_sync", type=click.IntRange(min=1), default=1, show_default=True,
                            help="Act at the guest's N-th SYNC.")
-timeout_option = click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True)
 
 
 @click.group("reg")

@@ -8,7 +8,7 @@ import time
 import click
 
 from .common import (EXIT_GUEST, EXIT_OK, _emit, console_echo, device_option, handle_errors, json_option,
-                     load_cpu, run_to_end, run_to_sync)
+                     amx_option, load_cpu, run_to_end, run_to_sync, timeout_option)
 
 
 @click.command("snapshot")
@@ -19,8 +19,8 @@ from .common import (EXIT_GUEST, EXIT_OK, _emit, console_echo, device_option, ha
 @click.option("--vcpus", type=click.IntRange(1, 32), default=1, show_default=True)
 @click.option("--memory", "memory_mib", type=int, default=4, show_default=True, help="Guest RAM in MiB.")
 @click.option("--cpu", "cpu_file", type=click.Path(), default=None, help="Guest CPUID JSON (vmm baseline).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True)
-@click.option("--amx", is_flag=True, help="Expose AMX to the guest (requests arch_prctl guest permission first).")
+@timeout_option
+@amx_option
 @device_option
 @json_option
 @handle_errors
@@ -57,7 +57,7 @@ def snapshot_cmd(guest, output, at_sync, vcpus, memory_mib, cpu_file, timeout, a
 
 @click.command("restore")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True)
+@timeout_option
 @device_option
 @json_option
 @handle_errors

@@ -5,7 +5,8 @@ import click
 from ..kvm import Kvm, is_pvm
 from ..xsave import (XsaveArea, XsaveError, XsaveLayout, component_name, kvm_xsave_size, mask_names,
                      parse_mask)
-from .common import _emit, console_echo, device_option, handle_errors, json_option, run_to_sync
+from .common import (_emit, amx_option, console_echo, device_option, handle_errors, json_option, run_to_sync,
+                     timeout_option)
 
 
 def format_value(value, size):
@@ -159,8 +160,8 @@ def _layout(dump, device, as_json):
 @click.option("--at-sync", "at_sync", type=int, default=1, show_default=True,
               help="Read the state at the guest's N-th SYNC (0: before it runs).")
 @click.option("--raw", is_flag=True, help="The raw buffer (hex dump; with --json a hex string).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0, show_default=True)
-@click.option("--amx", is_flag=True, help="Expose AMX to the guest (requests arch_prctl guest permission first).")
+@timeout_option
+@amx_option
 @device_option
 @json_option
 @handle_errors
