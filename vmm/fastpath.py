@@ -358,7 +358,7 @@ class FastVcpu:
             self.vcpu.set_cpuid2(state.cpuid)
             self.refresh()
         xsave = check_restorable(self.vcpu, state)  # the image at this vCPU's XSAVE size
-        self._validate_xsave(xsave)
+        self.vcpu.validate_xsave(xsave)
         if state.tsc_khz and state.tsc_khz != self.tsc_khz:
             _set_tsc_khz(self.vcpu, state.tsc_khz)
             self.tsc_khz = self.vcpu.get_tsc_khz()
@@ -389,20 +389,6 @@ class FastVcpu:
         c.trusted = 0
         st.owner = None
         return st
-
-    def _validate_xsave(self, raw):
-        """The checks Vcpu.set_xsave makes before KVM_SET_XSAVE."""
-        from .xsave import SSE, SSE_COMPONENT, X87, X87_COMPONENT, XsaveError, XsaveLayout, validate_for_set
-        size, supported = self.vcpu._xsave_limits()
-        if supported.xcr0_supported():
-            layout = XsaveLayout.from_cpuid(supported)
-        else:
-            layout = XsaveLayout({X87: X87_COMPONENT, SSE: SSE_COMPONENT}, 0x3)
-        try:
-            validate_for_set(raw, layout, layout.xcr0_supported, expected_size=size,
-                             mxcsr_feature_mask=self.vcpu._mxcsr_feature_mask())
-        except XsaveError as e:
-            raise XsaveError(f"KVM_SET_XSAVE not attempted: {e}", e.problems) from None
 
     # --- checks and errors --------------------------------------------------------------------
     def _alive(self):

@@ -265,6 +265,13 @@ class Vcpu:
         within the MXCSR_MASK this vCPU reports. A buffer that fails raises XsaveError naming
         each problem (and each offending component) and is not passed to KVM."""
         raw = bytes(raw)
+        self.validate_xsave(raw)
+        buf = ffi.new("char[]", raw)
+        ioctl(self.fd, "KVM_SET_XSAVE", buf)
+
+    def validate_xsave(self, raw):
+        """The checks set_xsave makes before KVM_SET_XSAVE (raises XsaveError); no ioctl but the
+        size and permission reads."""
         size, supported = self._xsave_limits()
         if supported.xcr0_supported():
             layout = _layout_of(supported)
@@ -275,8 +282,6 @@ class Vcpu:
                              mxcsr_feature_mask=self._mxcsr_feature_mask())
         except XsaveError as e:
             raise XsaveError(f"KVM_SET_XSAVE not attempted: {e}", e.problems) from None
-        buf = ffi.new("char[]", raw)
-        ioctl(self.fd, "KVM_SET_XSAVE", buf)
 
     def _mxcsr_feature_mask(self):
         """MXCSR bits the host allows: MXCSR_MASK of this vCPU's FXSAVE image (0 means 0xFFBF, SDM
