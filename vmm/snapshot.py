@@ -378,12 +378,11 @@ def load(path):
 
 
 # --- destination checks --------------------------------------------------------------------------
-OS_CONTROLLED = {"OSXSAVE", "OSPKE", "HYPERVISOR"}
-
-
 def host_problems(snap, kvm):
     """Why this host cannot restore the snapshot: guest CPUID features, XSAVE components and the XSAVE
-    size the host cannot provide. An empty list means it can."""
+    size the host cannot provide. An empty list means it can. (`vmm compat` judges by the same rules,
+    with more detail; tests/test_compat.py keeps the two in agreement.)"""
+    from .compat import OS_CONTROLLED
     from .xsave import XsaveLayout
     supported = kvm.get_supported_cpuid()
     host = supported.guest_for_xcr0(supported.xcr0_supported())
