@@ -384,7 +384,7 @@ def host_problems(snap, kvm):
     with more detail; tests/test_compat.py keeps the two in agreement.)"""
     from .compat import OS_CONTROLLED
     from .xsave import XsaveLayout
-    supported = kvm.get_supported_cpuid()
+    supported = kvm.supported_cpuid()  # cached, keyed by the guest XSAVE permission; only read here
     host = supported.guest_for_xcr0(supported.xcr0_supported())
     guest = snap.guest_cpuid()
     problems = []
