@@ -237,7 +237,7 @@ class Host:
         checks = probe.run_checks(device, ["req_xcomp_guest_perm", "cap_xsave2_vm_fd_after_request",
                                            "set_xsave_after_narrow_cpuid"])
         host = probe.host_info(device)
-        host["amx"] = probe._amx_from_checks({c["name"]: c for c in checks})
+        host["amx"] = probe.amx_from_checks({c["name"]: c for c in checks})
         return cls.from_report({"host": host, "checks": checks}, "this host")
 
 
@@ -282,7 +282,7 @@ class Guest:
 
     @classmethod
     def from_snapshot(cls, snap, label):
-        from .probe import _bv
+        from .probe import xstate_bv
         host = snap.meta.get("host") or {}
         layout = None
         if host.get("xsave_layout"):
@@ -292,7 +292,7 @@ class Guest:
                 layout = None
         return cls(label=label, kind="snapshot", cpuid=snap.guest_cpuid(),
                    xsave_sizes=[_xsave_needed(s.xsave) for s in snap.vcpus],
-                   xstate_bv=_or(_bv(s.xsave) for s in snap.vcpus),
+                   xstate_bv=_or(xstate_bv(s.xsave) for s in snap.vcpus),
                    xcr0=_or(s.xcrs.get(0, 0) for s in snap.vcpus),
                    msrs=set().union(*(s.msrs for s in snap.vcpus)) if snap.vcpus else set(),
                    source_layout=layout,

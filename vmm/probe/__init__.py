@@ -1,0 +1,34 @@
+"""`vmm probe`: behaviour checks against this host's KVM, and the versioned report they make.
+
+Each check sets something up, makes one call, and records what the kernel answered (a value or an
+errno) next to what a current upstream kernel answers, with a one-line verdict. The report also
+carries the host fingerprint (kernel, KVM capabilities, KVM_GET_SUPPORTED_CPUID as JSON and as a
+dump, the XSAVE layout, XSAVE permissions, MSR lists), so `vmm compat` and `vmm baseline` can use a
+report written on another host.
+
+Layout: `core` (records, context, registry), one module per group of checks (`amx`, `xsave`,
+`cpuid`, `msr`), `run` (this process and fresh processes), `report` (host fingerprint, report,
+text form) and `schema` (the report's versioned schema and its validator).
+
+Process hygiene: XSAVE permissions (arch_prctl) belong to the process, a permission request cannot
+be undone, and the first vCPU of a process locks them. The checks that depend on or change them
+therefore run in fresh processes (`python -m vmm.probe --check NAME ...`: fork and exec, so the
+child starts with the kernel's default permissions, not with a copy of the caller's), one process
+per group, started first and run in parallel with the other checks. The caller's permissions are
+never touched. Checks known to be dangerous on old kernels are skipped there, with the reason.
+"""
+
+# the check modules register their checks on import
+from . import amx, cpuid, msr, xsave  # noqa: F401
+from .core import (CHECKS, REPORT_ORDER, STATUSES, Context, ProbeError, check_names, get_check, kernel_version,
+                   xstate_bv)
+from .report import amx_from_checks, format_report, host_info, make_report
+from .run import run_check, run_checks
+from .schema import (SCHEMA_ID, SUPPORTED_KEYWORDS, ReportError, check_report, load_report, load_schema,
+                     validate)
+
+CHECKS.sort(key=lambda c: REPORT_ORDER.index(c.name))
+
+__all__ = ["CHECKS", "STATUSES", "SUPPORTED_KEYWORDS", "Context", "ProbeError", "ReportError", "SCHEMA_ID", "amx_from_checks", "check_names",
+           "check_report", "format_report", "get_check", "host_info", "kernel_version", "load_report",
+           "load_schema", "make_report", "run_check", "run_checks", "validate", "xstate_bv"]

@@ -1,0 +1,253 @@
+"""What every probe check uses: the observation/result records, the process context (one /dev/kvm,
+what KVM supports, this process's XSAVE permission history) and the check registry."""
+
+import os
+import re
+from dataclasses import dataclass
+
+from ..errors import KvmError, VmmError, errno_name
+
+STATUSES = ("as-upstream", "differs", "skipped", "error")
+
+EFER = 0xC0000080
+EFER_SCE, EFER_NXE = 1 << 0, 1 << 11
+X87_SSE = 0x3
+AVX_FAMILY = (1 << 2) | (1 << 5) | (1 << 6) | (1 << 7)  # AVX, opmask, ZMM_Hi256, Hi16_ZMM
+AVX512_STATE = (1 << 5) | (1 << 6) | (1 << 7)
+XTILECFG, XTILEDATA = 17, 18
+XTILE = (1 << XTILECFG) | (1 << XTILEDATA)
+LEGACY_XSAVE = 4096  # sizeof(struct kvm_xsave)
+SENTINEL = 0xA5
+
+CHILD_TIMEOUT = 8.0
+GUEST_TIMEOUT = 2.0
+
+
+class ProbeError(VmmError):
+    """A check that cannot run in this process, or an unknown check name."""
+
+
+# --- small helpers ---------------------------------------------------------------------------------
+
+
+def kernel_version(release=None):
+    """(major, minor, patch) of a kernel release string such as '6.18.44-fc-v657'."""
+    release = os.uname().release if release is None else release
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
+    if not m:
+        return (0, 0, 0)
+    return tuple(int(x or 0) for x in m.groups())
+
+
+def version_text(v):
+    return ".".join(str(x) for x in v[:2]) + (f".{v[2]}" if len(v) > 2 and v[2] else "")
+
+
+def hex_text(v):
+    return f"{v:#x}"
+
+
+def mask_text(v):
+    from ..xsave import mask_names
+    return f"{v:#x} ({mask_names(v)})"
+
+
+def observed_ok(value, text=None):
+    return {"ok": True, "value": value, "errno": None, "errno_name": None,
+            "text": str(value) if text is None else text}
+
+
+def observed_err(err, text=None):
+    name = errno_name(err)
+    return {"ok": False, "value": None, "errno": err, "errno_name": name,
+            "text": text or f"{name} ({os.strerror(err)})"}
+
+
+def attempt(fn, fmt=None):
+    """Call fn(); an observation of its value, or of the errno of the KvmError it raised."""
+    try:
+        v = fn()
+    except KvmError as e:
+        return observed_err(e.errno)
+    return observed_ok(v, fmt(v) if fmt else None)
+
+
+def upstream(text, value=None, errno=None):
+    return {"text": text, "value": value, "errno_name": errno}
+
+
+def _same(obs, exp):
+    if exp.get("errno_name"):
+        return obs["errno_name"] == exp["errno_name"]
+    return obs["ok"] and obs["value"] == exp["value"]
+
+
+def result(setup, call, observed, expected, verdict, status=None, details=None):
+    if status is None:
+        status = "as-upstream" if _same(observed, expected) else "differs"
+    return {"setup": setup, "call": call, "observed": observed, "upstream": expected,
+            "status": status, "verdict": verdict, "details": details or {}}
+
+
+def arch_prctl(code, arg):
+    """arch_prctl(code, arg) -> 0 or -errno (the raw kernel answer)."""
+    from .._bindings import lib
+    return lib.vmm_arch_prctl(code, arg)
+
+
+def prctl_get(code):
+    from .._bindings import ffi
+    out = ffi.new("unsigned long long *")
+    r = arch_prctl(code, int(ffi.cast("uintptr_t", out)))
+    if r < 0:
+        raise KvmError("arch_prctl", -r, detail=f"{code:#x}")
+    return out[0]
+
+
+# --- the context a process runs its checks in ------------------------------------------------------
+
+
+class Context:
+    """One /dev/kvm, what KVM supports, and this process's XSAVE permission history."""
+
+    def __init__(self, device="/dev/kvm", kernel=None, fresh=False):
+        from ..kvm import Kvm
+        self.device = device
+        self.kernel = os.uname().release if kernel is None else kernel
+        self.kver = kernel_version(self.kernel)
+        self.fresh = fresh  # started by `python -m vmm.probe --check`: permissions are the defaults
+        self.kvm = Kvm(device)
+        self.requested = None  # observation of ARCH_REQ_XCOMP_GUEST_PERM(18), once made here
+        self._read_supported()
+
+    def _read_supported(self):
+        from ..xsave import XsaveLayout
+        self.supported = self.kvm.get_supported_cpuid()
+        self.xcr0 = self.supported.xcr0_supported()
+        self.layout = XsaveLayout.from_cpuid(self.supported) if self.xcr0 else None
+
+    def close(self):
+        self.kvm.close()
+
+    @property
+    def guest_cpuid(self):
+        """The guest CPUID a VM gets by default here (no AMX: that needs the permission)."""
+        return self.supported.guest_for_xcr0(self.xcr0 & ~XTILE)
+
+    def vm(self):
+        return self.kvm.create_vm()
+
+    def vcpu(self, vm, cpuid="default"):
+        v = vm.create_vcpu()
+        if cpuid is not None:
+            v.set_cpuid2(self.guest_cpuid if cpuid == "default" else cpuid)
+        return v
+
+    def xcomp_supp(self):
+        from ..amx import ARCH_GET_XCOMP_SUPP
+        return prctl_get(ARCH_GET_XCOMP_SUPP)
+
+    def require_fresh(self, name):
+        if not self.fresh:
+            raise ProbeError(f"check {name!r} depends on or changes this process's XSAVE permissions: "
+                             f"run it in a fresh process (python -m vmm.probe --check {name})")
+
+    def request_amx(self):
+        """ARCH_REQ_XCOMP_GUEST_PERM(18), once per process; the observation. Re-reads the
+        supported CPUID afterwards (KVM filters it by the permission)."""
+        from ..amx import ARCH_REQ_XCOMP_GUEST_PERM
+        if self.requested is None:
+            r = arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, XTILEDATA)
+            self.requested = observed_ok(0, "0 (granted)") if r == 0 else observed_err(-r)
+            self._read_supported()
+        return self.requested
+
+    def expected_xsave2(self, permitted):
+        """What KVM_CAP_XSAVE2 is upstream: max(4096, standard-format size of the supported XCR0
+        filtered by the guest permission), from the layout KVM_GET_SUPPORTED_CPUID describes."""
+        from ..amx import kvm_filtered_xcr0
+        from ..xsave import kvm_xsave_size
+        if not self.layout:
+            return LEGACY_XSAVE, "4096 (no XSAVE enumerated: struct kvm_xsave)"
+        xcr0 = kvm_filtered_xcr0(self.xcr0, permitted) & self.layout.user_mask
+        size = kvm_xsave_size(self.layout, xcr0)
+        return size, (f"{size} = max(4096, {self.layout.standard_size(xcr0)} bytes for XCR0 "
+                      f"{mask_text(xcr0)})")
+
+
+# --- the check registry ----------------------------------------------------------------------------
+@dataclass
+
+
+class Check:
+    name: str
+    title: str
+    fn: object
+    group: str = None  # None: in this process; else the name of the fresh process it runs in
+    min_kernel: tuple = None  # skipped on older kernels, with `danger` as the reason
+    danger: str = None
+
+
+CHECKS = []
+_BY_NAME = {}
+
+
+def check(name, title, group=None, min_kernel=None, danger=None):
+    def deco(fn):
+        c = Check(name, title, fn, group, min_kernel, danger)
+        CHECKS.append(c)
+        _BY_NAME[name] = c
+        return fn
+    return deco
+
+
+# The order of the report (and of the checks inside each fresh process): permissions before the request,
+# the request, what it changed, then the checks that need no permission.
+REPORT_ORDER = (
+    "xcomp_supp", "xcomp_perm", "xcomp_guest_perm", "cap_xsave2_dev_kvm", "cap_xsave2_vm_fd",
+    "req_xcomp_guest_perm", "cap_xsave2_dev_kvm_after_request", "cap_xsave2_vm_fd_after_request",
+    "set_cpuid2_xtiledata_without_perm", "req_xcomp_guest_perm_after_vcpu",
+    "get_xsave_sizes", "set_xsave_after_narrow_cpuid", "get_xsave_trims_to_guest_xcr0",
+    "set_xsave_xcomp_bv", "set_xsave_reserved_header", "set_xsave_unpermitted_component",
+    "one_reg_efer", "reg_list", "guest_ssp", "guest_beyond_xcr0", "get_cpuid2_matches_set",
+    "msr_index_list",
+)
+
+
+def check_names():
+    return [c.name for c in CHECKS]
+
+
+def get_check(name):
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ProbeError(f"unknown check {name!r}; checks: {', '.join(check_names())}") from None
+
+
+# Kernels known to misbehave on what some checks do (skipped there, with this reason).
+XSAVES_HOST_FIX = (3, 18)
+XSAVES_HOST_DANGER = ("before Linux 3.18, KVM_SET_XSAVE handed the caller's buffer to XRSTORS on hosts "
+                      "that use XSAVES (fixed by 'KVM: x86: support XSAVES usage in the host'); a "
+                      "deliberately bad buffer is not safe to send there")
+XCR0_LEAK_FIX = (5, 1)
+XCR0_LEAK_DANGER = ("before Linux 5.1, a machine check in guest mode could leave the guest's XCR0 loaded in "
+                    "the host, and a guest XCR0 narrower than the host's then ends in a host double fault "
+                    "(fixed by 'x86/kvm: move kvm_load/put_guest_xcr0 into atomic context')")
+
+
+def skip(reason):
+    return {"skip": reason}
+
+
+# --- XSAVE buffers (this process) ------------------------------------------------------------------
+
+
+def raw_set_xsave(vcpu, raw):
+    """KVM_SET_XSAVE with exactly these bytes: no validation on the Python side."""
+    from .._bindings import ffi, ioctl
+    return ioctl(vcpu.fd, "KVM_SET_XSAVE", ffi.new("char[]", bytes(raw)))
+
+
+def xstate_bv(raw):
+    return int.from_bytes(raw[512:520], "little")
