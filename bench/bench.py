@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BUILD = HERE / "build"
 GUESTS = ROOT / "guests"
+SDK = ROOT / "vmm" / "sdk"
 sys.path.insert(0, str(ROOT))
 
 from vmm import snapshot, state  # noqa: E402
@@ -59,10 +60,10 @@ def build():
     BUILD.mkdir(exist_ok=True)
     guest = BUILD / "bench.bin"
     src = HERE / "guests" / "bench.S"
-    newest = max(src.stat().st_mtime, (GUESTS / "vmm.inc").stat().st_mtime)
+    newest = max(src.stat().st_mtime, (SDK / "vmm.inc").stat().st_mtime)
     if not guest.exists() or guest.stat().st_mtime < newest:
-        run(["as", "--64", "-I", str(GUESTS), "-o", str(BUILD / "bench.o"), str(src)])
-        run(["ld", "-static", "-nostdlib", "-T", str(GUESTS / "guest.ld"), "-o", str(BUILD / "bench.elf"),
+        run(["as", "--64", "-I", str(GUESTS), "-I", str(SDK), "-o", str(BUILD / "bench.o"), str(src)])
+        run(["ld", "-static", "-nostdlib", "-T", str(SDK / "guest.ld"), "-o", str(BUILD / "bench.elf"),
              str(BUILD / "bench.o")])
         run(["objcopy", "-O", "binary", str(BUILD / "bench.elf"), str(guest)])
         (BUILD / "bench.sym").write_text(run(["nm", str(BUILD / "bench.elf")]))

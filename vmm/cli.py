@@ -8,7 +8,7 @@ import click
 
 from . import kvm as kvm_mod
 
-from .commands.common import (EXIT_GUEST, EXIT_OK, _emit, amx_option, device_option,  # noqa: F401
+from .commands.common import (EXIT_GUEST, EXIT_OK, GuestArg, _emit, amx_option, device_option,  # noqa: F401
                               handle_errors, json_option, timeout_option)
 
 
@@ -26,11 +26,13 @@ def main():
 @click.option("--memory", "memory_mib", type=int, default=4, show_default=True, help="Guest RAM in MiB.")
 @click.option("--cpu", "cpu_file", type=click.Path(), default=None,
               help="Guest CPUID from a JSON file (vmm cpuid --json / vmm baseline).")
+@click.option("--arg", "args", multiple=True, type=GuestArg(), metavar="VALUE",
+              help="A host-provided argument the guest reads (vmm.h vmm_arg(n), vmm.inc ARG n); repeatable.")
 @amx_option
 @device_option
 @json_option
 @handle_errors
-def run(guest, timeout, cpl, memory_mib, cpu_file, amx, device, as_json):
+def run(guest, timeout, cpl, memory_mib, cpu_file, args, amx, device, as_json):
     """Boot GUEST (a built-in name or a flat binary; default: hello) and run it to its end.
 
     Prints the guest's console output, each SYNC, then one line with how it ended.
@@ -41,7 +43,7 @@ def run(guest, timeout, cpl, memory_mib, cpu_file, amx, device, as_json):
 
     t0 = time.monotonic()
     with Machine(guest, cpl=int(cpl), memory=memory_mib << 20, device=device,
-                 on_console=console_echo(as_json), cpuid=load_cpu(cpu_file), amx=amx) as m:
+                 on_console=console_echo(as_json), cpuid=load_cpu(cpu_file), amx=amx, args=args) as m:
         ev, syncs = run_to_end(m, timeout, as_json)
         elapsed = time.monotonic() - t0
         if as_json:

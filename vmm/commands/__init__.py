@@ -4,7 +4,7 @@ a list of click commands; `register` adds those of every module present in this 
 import importlib
 import importlib.util
 
-MODULES = ("cpuid", "xsave", "amx", "reg", "snapshot", "probe")
+MODULES = ("cpuid", "xsave", "amx", "reg", "snapshot", "probe", "sdk", "diff")
 
 
 def register(group):

@@ -43,6 +43,21 @@ amx_option = click.option("--amx", is_flag=True,
 
 
 
+class GuestArg(click.ParamType):
+    """An unsigned 64-bit guest argument: decimal or 0x-prefixed hex."""
+    name = "u64"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            v = int(value, 0)
+        except ValueError:
+            self.fail(f"{value!r} is not a number (decimal or 0x hex)", param, ctx)
+        if not 0 <= v < 1 << 64:
+            self.fail(f"{value} does not fit in an unsigned 64-bit argument", param, ctx)
+        return v
+
 
 def load_cpu(cpu_file):
     if not cpu_file:

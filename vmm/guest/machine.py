@@ -18,16 +18,26 @@ def default_guest_cpuid(kvm, xcr0=None):
     return supported.guest_for_xcr0(xcr0 & ~XFEATURE_MASK_XTILE)  # AMX only with amx=True
 
 
+def _check_args(args):
+    """Host arguments (`vmm run --arg`): unsigned 64-bit values, validated before any VM exists."""
+    args = tuple(args)
+    for a in args:
+        if not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < 1 << 64:
+            raise ValueError(f"guest argument {a!r} is not an unsigned 64-bit integer")
+    return args
+
+
 class Machine:
     """Builds a VM for a guest image. Use as a context manager; `kvm` may be shared."""
 
     def __init__(self, guest="hello", cpl=3, memory=runtime.DEFAULT_MEMORY, vcpus=1, kvm=None,
                  cpuid=None, xcr0=None, device=kvm_mod.DEFAULT_DEVICE, on_console=None, irqchip=True,
-                 amx=False, pit=False):
+                 amx=False, pit=False, args=()):
         if not 1 <= vcpus <= runtime.MAX_VCPUS:
             raise ValueError(f"the guest runtime lays out 1 to {runtime.MAX_VCPUS} vCPUs, not {vcpus}")
         if memory < runtime.MIN_MEMORY:
             raise ValueError(f"guest memory must be at least {runtime.MIN_MEMORY >> 20} MiB")
+        self.args = _check_args(args)
         self.image = guest if isinstance(guest, catalog.Image) else catalog.load(guest)
         if len(self.image.code) > runtime.SCRATCH_BASE - runtime.PAYLOAD_BASE:
             from ..errors import GuestError
@@ -58,7 +68,7 @@ class Machine:
                 v = self.vm.create_vcpu()
                 self.setup_vcpu(v, i)
                 self.vcpus.append(v)
-                self.runners.append(Runner(self.vm, v, on_console))
+                self.runners.append(Runner(self.vm, v, on_console, self.args))
         except BaseException:
             self.close()
             raise

@@ -173,8 +173,10 @@ def _install_kick():
 class Runner:
     """Runs one vCPU and turns its exits into events; console bytes go to `on_console`."""
 
-    def __init__(self, vm, vcpu, on_console=None):
+    def __init__(self, vm, vcpu, on_console=None, args=()):
         self.vm = vm
+        self.args = tuple(args)  # host-provided arguments the guest reads from PORT_ARG
+        self.arg_selected = 0
         self.vcpu = vcpu
         self.run = vcpu.kvm_run
         self.console = bytearray()
@@ -208,6 +210,15 @@ class Runner:
             vec, err, rip, cs, _rflags, ursp = (self.vm.mem_at(rsp, 48).read_u64(rsp + 8 * i)
                                                 for i in range(6))
             return Fault(vid, vec, err, rip, cs, ursp)
+        if port == ports.PORT_ARG and out:
+            self.arg_selected = value
+            return None
+        if port in (ports.PORT_ARG, ports.PORT_ARG_HI, ports.PORT_ARG_COUNT) and not out:
+            arg = self.args[self.arg_selected] if self.arg_selected < len(self.args) else 0
+            v = {ports.PORT_ARG: arg & 0xFFFFFFFF, ports.PORT_ARG_HI: arg >> 32,
+                 ports.PORT_ARG_COUNT: len(self.args)}[port]
+            ffi.buffer(data, size)[:] = (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            return None
         if not out:  # unknown input port reads as all-ones, like an empty ISA bus
             ffi.buffer(data, size * io.count)[:] = b"\xff" * (size * io.count)
             return None
