@@ -108,8 +108,43 @@ def test_layout_needs_leaf_d():
         XsaveLayout.from_cpuid(CpuidTable())
     broken = SPR.copy()
     broken.remove(0xD, 0x12)
-    with pytest.raises(XsaveError, match=r"XTILEDATA \(18\)"):
-        XsaveLayout.from_cpuid(broken)
+    layout = XsaveLayout.from_cpuid(broken)  # what is enumerated is still laid out
+    assert layout.components[17].offset == 2752 and 18 not in layout.components
+    assert layout.warnings == ["CPUID.(0DH,0x12) for user component XTILEDATA (18) is missing: "
+                               "its offset and size are unknown"]
+    with pytest.raises(XsaveError, match=r"XTILEDATA \(18\), whose offset and size are unknown"):
+        layout.standard_size()  # what needs the missing component fails, naming it
+    assert layout.standard_size(0x2e7) == 2696
+    assert kvm_xsave_size(layout, 0x202e7) == 4096
+
+
+def test_missing_or_zero_sub_leaves_are_warnings_not_refusals():
+    t = SPR.copy()
+    t.remove(0xD, 0xB)  # a supervisor sub-leaf 0xD.1 ECX still lists (CET_U)
+    layout = XsaveLayout.from_cpuid(t)
+    assert layout.standard_size() == 11008 and "CET_U (11) is missing" in layout.warnings[0]
+    assert layout.to_json()["compacted_size"] is None and layout.to_json()["standard_size"] == 11008
+    e9 = t.entry(0xD, 9)
+    e9.eax = 0  # PKRU read as zero size, offset kept: the architectural 8 bytes
+    layout = XsaveLayout.from_cpuid(t)
+    assert (layout.components[9].size, layout.components[9].offset) == (8, 2688)
+    assert any("PKRU (9) has size 0: inferred" in w for w in layout.warnings)
+    e9.ebx = 0  # nothing left to go on: unknown
+    layout = XsaveLayout.from_cpuid(t)
+    assert 9 in layout.unknown and layout.standard_size(0x7) == 832
+    with pytest.raises(XsaveError, match=r"PKRU \(9\)"):
+        layout.standard_size(0x207)
+
+
+def test_overlapping_components_are_reported_and_sizes_are_the_furthest_end():
+    apx = CpuidTable.from_dump(DATA / "apx-overlapping-mpx.txt")
+    layout = XsaveLayout.from_cpuid(apx)
+    assert layout.overlaps() == [(3, 19), (4, 19)]
+    assert layout.overlap_problems()[0] == "APX (19) 128@960 overlaps BNDREGS (3) 64@960"
+    assert layout.overlaps(0xE00E7) == []  # APX alone at 960 is valid
+    # offsets no longer grow with the index: the size is max(offset + size), not the last one's end
+    assert layout.standard_size((1 << 19) | 0x7) == 1088
+    assert layout.standard_size((1 << 19) | (1 << 9) | 0x7) == 2696
 
 
 def test_layout_diff_amd_vs_intel():

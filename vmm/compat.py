@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .cpudump import parse_cpuid_text, read_bounded
 from .cpuid import CpuidError, CpuidTable
 from .errors import VmmError
 from .xsave import XsaveError, XsaveLayout, bits_of, component_name, kvm_xsave_size, mask_names
@@ -66,12 +67,17 @@ def read_input(spec):
                           "guest CPUID JSON file, or 'here')")
     if os.path.isdir(spec):
         raise CompatError(f"{spec}: is a directory")
-    with open(spec, "rb") as f:
-        head = f.read(len(SNAPSHOT_MAGIC))
-        if head == SNAPSHOT_MAGIC:
-            return "snapshot", spec
-        f.seek(0)
-        raw = f.read()
+    try:
+        with open(spec, "rb") as f:
+            head = f.read(len(SNAPSHOT_MAGIC))
+    except OSError as e:
+        raise CompatError(f"{spec}: cannot read: {e.strerror or e}") from None
+    if head == SNAPSHOT_MAGIC:
+        return "snapshot", spec
+    try:
+        raw = read_bounded(spec, what="probe report, CPUID JSON or CPUID dump")
+    except CpuidError as e:
+        raise CompatError(str(e)) from None
     try:
         text = raw.decode()
     except UnicodeDecodeError:
@@ -90,17 +96,13 @@ def read_input(spec):
             if isinstance(schema, str) and schema.startswith(BASELINE_PREFIX):
                 return "baseline", _check_baseline(data, spec)
             return "report", check_report(data, spec)
-        table = data.get("cpuid", data) if isinstance(data, dict) else data
-        try:
-            return "cpuid", CpuidTable.from_json(table)
-        except CpuidError as e:
-            raise CompatError(f"{spec}: not a vmm snapshot, probe report, CPUID JSON or CPUID dump ({e})") from None
     if not any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
         raise CompatError(f"{spec}: empty file")
     try:
-        return "dump", CpuidTable.from_dump(spec)
+        dump = parse_cpuid_text(text, spec)
     except CpuidError as e:
         raise CompatError(f"{spec}: not a vmm snapshot, probe report, CPUID JSON or CPUID dump ({e})") from None
+    return ("cpuid" if dump.format == "json" else "dump"), dump.table
 
 
 def _check_baseline(data, spec):

@@ -270,6 +270,16 @@ def fit_xsave(buf, size):
     return buf[:size]
 
 
+def xsave_restored_as_saved(got, saved):
+    """Whether the XSAVE area read back after a restore (`got`, this vCPU's size) is the saved one
+    as the restore fitted it (fit_xsave): a zero tail the saving process's AMX permission added is
+    not a difference."""
+    try:
+        return got == fit_xsave(saved, len(got))
+    except StateError:
+        return False
+
+
 def check_restorable(vcpu, state):
     """Refuse, before any ioctl, state this vCPU cannot take. Returns the XSAVE image to load."""
     xsave = fit_xsave(state.xsave, vcpu.xsave_size())

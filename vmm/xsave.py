@@ -16,7 +16,7 @@ SSE or AVX is set, as XSAVE/XRSTOR treat it).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from .cpuid import CpuidTable
@@ -148,29 +148,88 @@ X87_COMPONENT = XsaveComponent(X87, "x87", 160, 0)
 SSE_COMPONENT = XsaveComponent(SSE, "SSE", 256, 160)
 
 
+# Architectural sizes of the user components (SDM vol. 1, 13.2-13.5): what a dump that reads a
+# sub-leaf's EAX as zero but keeps its offset lets us infer. Offsets are vendor-specific (AMD puts
+# opmask at 832, Intel at 1088) and are never guessed, except AVX, whose 576 is architectural.
+ARCH_SIZES = {AVX: 256, BNDREGS: 64, BNDCSR: 16, OPMASK: 64, ZMM_HI256: 512, HI16_ZMM: 1024,
+              PKRU: 8, XTILECFG: 64, XTILEDATA: 8192, APX: 128}
+
+
 @dataclass
 class XsaveLayout:
-    """Where each XSAVE component lives; built from CPUID leaf 0xD."""
+    """Where each XSAVE component lives; built from CPUID leaf 0xD.
+
+    ``unknown`` maps a supported component whose sub-leaf is missing or zero (imperfect dumps) to
+    why; ``warnings`` says what was inferred or left unknown. The layout of everything else is
+    still known; a size or offset that needs an unknown user component raises XsaveError naming it.
+    """
 
     components: dict[int, XsaveComponent]
     xcr0_supported: int
     xss_supported: int = 0
+    unknown: dict = field(default_factory=dict, compare=False)
+    warnings: list = field(default_factory=list, compare=False)
 
     @classmethod
     def from_cpuid(cls, table: CpuidTable) -> "XsaveLayout":
+        """The layout CPUID leaf 0xD enumerates. Raises XsaveError only without leaf 0xD; missing or
+        zero sub-leaves become warnings (supervisor ones never matter to the standard format)."""
         xcr0, xss = table.xcr0_supported(), table.xss_supported()
         if not xcr0:
             raise XsaveError("CPUID leaf 0xD is missing: XSAVE is not enumerated")
         comps = {X87: X87_COMPONENT, SSE: SSE_COMPONENT}
+        unknown, warnings = {}, []
         for i in bits_of((xcr0 | xss) & ~0b11):
             e = table.entry(0xD, i)
-            if e is None or e.eax == 0:
-                raise XsaveError(
-                    f"CPUID.(0DH,{i:#x}) for supported component {_describe(i)} is missing or zero-sized")
-            comps[i] = XsaveComponent(i, component_name(i), e.eax, e.ebx,
-                                      supervisor=bool(e.ecx & 1), align64=bool(e.ecx & 2),
-                                      xfd=bool(e.ecx & 4))
-        return cls(comps, xcr0, xss)
+            sup = not xcr0 >> i & 1
+            leaf = f"CPUID.(0DH,{i:#x})"
+            kind = "supervisor" if sup else "user"
+            if e is not None and e.eax:
+                comps[i] = XsaveComponent(i, component_name(i), e.eax, e.ebx,
+                                          supervisor=bool(e.ecx & 1), align64=bool(e.ecx & 2),
+                                          xfd=bool(e.ecx & 4))
+                continue
+            what = "missing" if e is None else "zero"
+            if not sup and i == AVX:
+                comps[i] = XsaveComponent(i, component_name(i), 256, 576)
+                warnings.append(f"{leaf} for {kind} component {_describe(i)} is {what}: "
+                                "inferred 256@576 (architectural)")
+            elif not sup and e is not None and e.ebx >= XSAVE_MIN_SIZE and i in ARCH_SIZES:
+                comps[i] = XsaveComponent(i, component_name(i), ARCH_SIZES[i], e.ebx,
+                                          align64=bool(e.ecx & 2), xfd=bool(e.ecx & 4))
+                warnings.append(f"{leaf} for {kind} component {_describe(i)} has size 0: inferred "
+                                f"the architectural {ARCH_SIZES[i]} bytes at the given offset {e.ebx}")
+            else:
+                unknown[i] = f"{leaf} is {what}"
+                tail = ("; the standard format never holds supervisor state" if sup else
+                        ": its offset and size are unknown")
+                warnings.append(f"{leaf} for {kind} component {_describe(i)} is {what}{tail}")
+        return cls(comps, xcr0, xss, unknown, warnings)
+
+    def overlaps(self, mask: int | None = None) -> list[tuple[int, int]]:
+        """Pairs (i, j), i < j, of user components in `mask` (default: all) that share bytes in the
+        standard format, or a component i >= 2 that reaches into the legacy region or header
+        (j = -1). No two components may overlap (SDM vol. 1, 13.4.1); since APX (component 19 at
+        960, the old MPX area) offsets do not grow with i, so enumerations can contradict."""
+        mask = (self.xcr0_supported if mask is None else mask)
+        user = sorted((i, c) for i, c in self.components.items()
+                      if i >= 2 and not c.supervisor and mask >> i & 1)
+        out = []
+        for n, (i, a) in enumerate(user):
+            if a.offset < XSAVE_MIN_SIZE:
+                out.append((i, -1))
+            for j, b in user[n + 1:]:
+                if a.offset < b.end and b.offset < a.end:
+                    out.append((i, j))
+        return out
+
+    def overlap_problems(self, mask: int | None = None) -> list[str]:
+        """overlaps() in words: 'APX (19) 128@960 overlaps BNDREGS (3) 64@960'."""
+        def span(i):
+            c = self.components[i]
+            return f"{_describe(i)} {c.size}@{c.offset}"
+        return [f"{span(i)} overlaps the legacy region and XSAVE header (0..575)" if j < 0 else
+                f"{span(j)} overlaps {span(i)}" for i, j in self.overlaps(mask)]
 
     @property
     def user_mask(self) -> int:
@@ -182,6 +241,10 @@ class XsaveLayout:
 
     def _known(self, mask: int, what: str) -> None:
         unknown = [i for i in bits_of(mask) if i not in self.components]
+        guessed = [i for i in unknown if i in self.unknown]
+        if guessed:
+            raise XsaveError(f"{what} {mask:#x} needs " + ", ".join(
+                f"{_describe(i)}, whose offset and size are unknown ({self.unknown[i]})" for i in guessed))
         if unknown:
             raise XsaveError(f"{what} {mask:#x} names components this layout does not have: "
                              + ", ".join(_describe(i) for i in unknown))
@@ -225,13 +288,23 @@ class XsaveLayout:
         last = max(offsets)
         return offsets[last] + self.components[last].size
 
+    def _size_or_none(self, fn):
+        try:
+            return fn()
+        except XsaveError:
+            return None
+
     def to_json(self) -> dict:
+        """Sizes are null when they need a component whose sub-leaf is unknown."""
         return {
             "xcr0_supported": f"{self.xcr0_supported:#x}",
             "xss_supported": f"{self.xss_supported:#x}",
-            "standard_size": self.standard_size(),
-            "compacted_size": self.compacted_size(),
+            "standard_size": self._size_or_none(self.standard_size),
+            "compacted_size": self._size_or_none(self.compacted_size),
             "components": [asdict(c) for _, c in sorted(self.components.items())],
+            "unknown": [{"index": i, "name": component_name(i), "why": w} for i, w in sorted(self.unknown.items())],
+            "overlaps": self.overlap_problems(),
+            "warnings": list(self.warnings),
         }
 
     @classmethod
@@ -243,13 +316,18 @@ class XsaveLayout:
                                       int(c["offset"]), bool(c["supervisor"]),
                                       bool(c["align64"]), bool(c["xfd"]))
                 comps[comp.index] = comp
-            return cls(comps, int(data["xcr0_supported"], 16), int(data["xss_supported"], 16))
+            unknown = {int(u["index"]): str(u["why"]) for u in data.get("unknown", [])}
+            return cls(comps, int(data["xcr0_supported"], 16), int(data["xss_supported"], 16),
+                       unknown, [str(w) for w in data.get("warnings", [])])
         except (KeyError, TypeError, ValueError) as exc:
             raise XsaveError(f"XSAVE layout JSON: bad or missing field: {exc!r}") from None
 
     def format_table(self) -> str:
         """A human-readable table of the components (standard and compacted offsets)."""
-        compacted = self.compacted_offsets()
+        try:
+            compacted = self.compacted_offsets()
+        except XsaveError:  # a component's size is unknown: no compacted offsets to give
+            compacted = {}
         rows = [f"{'idx':>3}  {'name':<10} {'kind':<10} {'offset':>6} {'size':>6} {'end':>6}"
                 f" {'compacted':>9}  flags"]
         for i, c in sorted(self.components.items()):
@@ -259,9 +337,17 @@ class XsaveLayout:
             flags = " ".join(f for f, on in (("align64", c.align64), ("xfd", c.xfd)) if on)
             rows.append(f"{i:>3}  {c.name:<10} {kind:<10} {std:>6} {c.size:>6} {end:>6}"
                         f" {compacted.get(i, '-')!s:>9}  {flags}".rstrip())
-        rows.append(f"standard size {self.standard_size()} (XCR0 {self.xcr0_supported:#x}), "
-                    f"compacted size {self.compacted_size()} "
+        for i, why in sorted(self.unknown.items()):
+            rows.append(f"{i:>3}  {component_name(i):<10} {'unknown':<10} {'?':>6} {'?':>6} {'?':>6}"
+                        f" {'?':>9}  ({why})")
+        std, comp = self._size_or_none(self.standard_size), self._size_or_none(self.compacted_size)
+        rows.append(f"standard size {'unknown' if std is None else std} (XCR0 {self.xcr0_supported:#x}), "
+                    f"compacted size {'unknown' if comp is None else comp} "
                     f"(XCR0|XSS {self.xcr0_supported | self.xss_supported:#x})")
+        for p in self.overlap_problems():
+            rows.append(f"OVERLAP: {p}")
+        for w in self.warnings:
+            rows.append(f"warning: {w}")
         return "\n".join(rows)
 
     def diff(self, other: "XsaveLayout") -> list[tuple[int, str, XsaveComponent | None,
@@ -281,7 +367,8 @@ class XsaveLayout:
 def kvm_xsave_size(layout: XsaveLayout, xcr0: int | None = None) -> int:
     """Size of the KVM_GET/SET_XSAVE buffer: max(4096, standard size), the KVM_CAP_XSAVE2 rule."""
     mask = layout.xcr0_supported if xcr0 is None else xcr0
-    return max(KVM_XSAVE_SIZE, layout.standard_size(mask & layout.user_mask))
+    # supervisor state has no place in the standard format; an unknown user component raises
+    return max(KVM_XSAVE_SIZE, layout.standard_size(mask & ~(layout.supervisor_mask | layout.xss_supported)))
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,13 @@
 import os
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import click
 
 from .. import amx
 from .. import kvm as kvm_mod
-from ..cpuid import CpuidError, CpuidTable
 from ..errors import KvmError
-from .common import EXIT_GUEST, EXIT_OK, _emit, device_option, handle_errors, json_option, load_cpu
+from .common import EXIT_GUEST, EXIT_OK, _emit, device_option, handle_errors, json_option
 
 
 def _guest_summary(g):
@@ -64,10 +62,8 @@ def host_report(device):
 
 def dump_report(path):
     """What the AMX flow would do on the CPU a recorded CPUID describes (no KVM involved)."""
-    p = Path(path)
-    if not p.is_file():
-        raise CpuidError(f"{path}: no such CPUID dump file")
-    t = load_cpu(path) if p.read_text().lstrip().startswith("{") else CpuidTable.from_dump(path)
+    from .cpuid import load_cpuid_file
+    t = load_cpuid_file(path)
     problems = amx.host_problems(t, source="CPUID")
     default_perm = t.xcr0_supported() & ~amx.XFEATURE_MASK_XTILEDATA  # before any request
     return {

@@ -1,8 +1,5 @@
 """`vmm cpuid`: KVM's supported CPUID, a vCPU's CPUID as KVM holds it, or a CPUID dump file."""
 
-import json
-import os
-
 import click
 
 from ..cpuid import REGISTERS, CpuidError, CpuidTable
@@ -11,24 +8,15 @@ from .common import _emit, device_option, handle_errors, json_option, run_to_syn
 
 
 def load_cpuid_file(path):
-    """A CPUID table from a dump file (`CPUID <leaf>: eax-ebx-ecx-edx [SL n]` lines, as
-    `vmm cpuid` prints) or a JSON file (`vmm cpuid --json`, or a file with the table under "cpuid")."""
-    if not os.path.isfile(path):
-        raise CpuidError(f"{path}: no such CPUID dump file")
-    with open(path) as f:
-        text = f.read()
-    if not text.lstrip().startswith("{"):
-        return CpuidTable.from_dump(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CpuidError(f"{path}: not a CPUID JSON file ({e})") from None
-    if isinstance(data, dict) and "cpuid" in data and "entries" not in data:
-        data = data["cpuid"]
-    try:
-        return CpuidTable.from_json(data)
-    except CpuidError as e:
-        raise CpuidError(f"{path}: {e}") from None
+    """A CPUID table from a dump file of any format vmm reads (vmm.cpudump: AIDA64/InstLatx64 lines,
+    `cpuid -r` output, vmm's CPUID JSON, a probe report), told apart by content."""
+    return load_cpuid_dump(path).table
+
+
+def load_cpuid_dump(path):
+    """vmm.cpudump.CpuidDump of `path` (the table, its format and the reader's notes)."""
+    from ..cpudump import read_cpuid_file
+    return read_cpuid_file(path)
 
 
 def changed_entries(given, held):
@@ -89,7 +77,8 @@ def _xcr0_option(value):
               help="KVM_GET_CPUID2 of a vCPU set up for GUEST, and how it differs from what vmm gave "
                    "KVM_SET_CPUID2.")
 @click.option("--file", "dump", metavar="DUMP", type=click.Path(dir_okay=False),
-              help="A CPUID dump (CPUID <leaf>: eax-ebx-ecx-edx [SL n]) or `vmm cpuid --json` file.")
+              help="A CPUID dump: AIDA64/InstLatx64 lines, `cpuid -r` output, `vmm cpuid --json`, or a "
+                   "probe report.")
 @click.option("--xcr0", metavar="MASK", help="With --vcpu: limit the guest CPUID and XCR0 to MASK "
                                              "(0x7 or x87|SSE|AVX).")
 @click.option("--at-sync", "at_sync", type=click.IntRange(min=0), default=0, show_default=True,
@@ -111,9 +100,11 @@ def cpuid(supported, guest, dump, xcr0, at_sync, features, timeout, device, as_j
         CpuidTable.feature(n)  # unknown names fail before anything touches KVM
     mask = _xcr0_option(xcr0)
     changed = None
+    notes = []
     if dump is not None:
-        table = load_cpuid_file(dump)
-        source = f"CPUID dump {dump}"
+        d = load_cpuid_dump(dump)
+        table, notes = d.table, d.notes
+        source = f"CPUID dump {dump} ({d.format})"
     elif guest is not None:
         from ..guest.machine import Machine
         from ..kvm import Kvm
@@ -136,7 +127,7 @@ def cpuid(supported, guest, dump, xcr0, at_sync, features, timeout, device, as_j
         source = f"KVM_GET_SUPPORTED_CPUID on {device}"
 
     if as_json:
-        out = {"source": source, **table.to_json(),
+        out = {"source": source, **table.to_json(), "notes": notes,
                "xcr0_supported": f"{table.xcr0_supported():#x}",
                "features": sorted(table.features())}
         if features:
@@ -155,7 +146,7 @@ def cpuid(supported, guest, dump, xcr0, at_sync, features, timeout, device, as_j
             click.echo(f"{f['name']:<16} CPUID.({f['leaf']},{f['subleaf']}).{f['register'].upper()}"
                        f"[{f['bit']}]  {'yes' if f['set'] else 'no'}")
         return
-    click.echo(table.to_dump(comment=source), nl=False)
+    click.echo(table.to_dump(comment="\n".join([source] + notes)), nl=False)
     for line in _summary(table):
         click.echo(f"# {line}")
     if changed is not None:

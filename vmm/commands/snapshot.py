@@ -66,11 +66,12 @@ def restore_cmd(file, timeout, device, as_json):
     from .. import snapshot
     from ..guest.machine import Machine
     from ..guest.runner import Done
+    from ..state import xsave_restored_as_saved
     snap = snapshot.load(file)  # every check before any VM exists
     t0 = time.monotonic()
     with Machine.from_snapshot(snap, device=device, on_console=console_echo(as_json)) as m:
         restore_ms = (time.monotonic() - t0) * 1000
-        identical = [v.get_xsave() == s.xsave for v, s in zip(m.vcpus, snap.vcpus)]
+        identical = [xsave_restored_as_saved(v.get_xsave(), s.xsave) for v, s in zip(m.vcpus, snap.vcpus)]
         results = []
         for i in range(len(m.vcpus)):
             ev, syncs = run_to_end(m, timeout, as_json, vcpu=i)

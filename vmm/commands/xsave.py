@@ -133,21 +133,30 @@ def _json(guest, at_sync, info, raw):
 
 
 def _layout(dump, device, as_json):
+    """The layout table; what the dump leaves unknown or contradictory is reported, not fatal: only
+    the KVM buffer size, which needs every user component's offset, is then unknown."""
     if dump is not None:
-        from .cpuid import load_cpuid_file
-        table, source = load_cpuid_file(dump), f"CPUID dump {dump}"
+        from .cpuid import load_cpuid_dump
+        d = load_cpuid_dump(dump)
+        table, source = d.table, f"CPUID dump {dump} ({d.format})"
     else:
         with Kvm(device) as k:
             table, source = k.get_supported_cpuid(), f"KVM_GET_SUPPORTED_CPUID on {device}"
     layout = XsaveLayout.from_cpuid(table)
-    size = kvm_xsave_size(layout)
+    try:
+        size, why = kvm_xsave_size(layout), None
+    except XsaveError as e:
+        size, why = None, str(e)
     if as_json:
-        _emit({"source": source, **layout.to_json(), "kvm_xsave_size": size})
+        _emit({"source": source, **layout.to_json(), "kvm_xsave_size": size, "kvm_xsave_size_unknown": why})
         return
     click.echo(f"XSAVE layout from {source}")
     click.echo(layout.format_table())
-    click.echo(f"KVM_GET_XSAVE2 buffer for XCR0 {layout.xcr0_supported:#x}: "
-               f"max(4096, {layout.standard_size()}) = {size} bytes")
+    if size is None:
+        click.echo(f"KVM_GET_XSAVE2 buffer for XCR0 {layout.xcr0_supported:#x}: unknown: {why}")
+    else:
+        click.echo(f"KVM_GET_XSAVE2 buffer for XCR0 {layout.xcr0_supported:#x}: "
+                   f"max(4096, {layout.standard_size()}) = {size} bytes")
 
 
 @click.command("xsave")
