@@ -209,6 +209,6 @@ def test_vmm_amx_on_a_recorded_spr():
 
 def test_vmm_amx_file_errors_are_one_line():
     r = _vmm("amx", "--file", "/nonexistent/cpuid.txt")
-    assert r.returncode == 2 and r.stderr == "vmm: error: /nonexistent/cpuid.txt: no such CPUID dump file\n"
+    assert r.returncode == 2 and r.stderr == "vmm: error: /nonexistent/cpuid.txt: no such file (expected a CPUID dump)\n"
     r = _vmm("amx", "--file", str(DATA / "amd-genoa-epyc-9124.txt"))
     assert r.returncode == 1 and "CPUID 7.0 EDX lacks AMX_TILE" in r.stdout and "Traceback" not in r.stderr

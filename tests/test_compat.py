@@ -205,7 +205,7 @@ def test_baseline_leaves_amx_out():
 
 # --- inputs ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("content, message", [
-    (b"", "empty file"),
+    (b"", "is empty"),
     (b"\x00\x01\x02\xff", "binary data"),
     (b"hello\n", "not a CPUID dump line"),
     (b'{"entries": [', "truncated"),

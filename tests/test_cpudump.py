@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmm.cpudump import FORMATS, read_bounded, read_cpuid_file
+from vmm.cpudump import FORMATS, read_cpuid_file
 from vmm.cpuid import CpuidError, CpuidTable
 from vmm.xsave import XsaveLayout
 
@@ -85,18 +85,20 @@ def test_unreadable_files_name_the_file_line_and_formats(tmp_path, text, line):
 def test_reads_are_bounded(tmp_path):
     zero = tmp_path / "zero"
     os.mknod(zero, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # a private /dev/zero
-    with pytest.raises(CpuidError, match="limit"):
-        read_cpuid_file(zero, limit=1 << 16)
+    with pytest.raises(CpuidError, match="character device"):
+        read_cpuid_file(zero)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(CpuidError, match="FIFO"):
-        read_bounded(fifo)
+        read_cpuid_file(fifo)
     big = tmp_path / "big.txt"
     big.write_text(SPR.read_text() * 3)
-    with pytest.raises(CpuidError, match="limit"):
+    with pytest.raises(CpuidError, match="more than"):
         read_cpuid_file(big, limit=SPR.stat().st_size)
     with pytest.raises(CpuidError, match="is a directory"):
         read_cpuid_file(tmp_path)
+    with pytest.raises(CpuidError, match="no such file"):
+        read_cpuid_file(tmp_path / "missing.txt")
 
 
 def test_cli_reads_cpuid_r_and_refuses_binary_and_endless_input(tmp_path):
@@ -106,7 +108,7 @@ def test_cli_reads_cpuid_r_and_refuses_binary_and_endless_input(tmp_path):
     zero = tmp_path / "zero"
     os.mknod(zero, stat.S_IFCHR | 0o600, os.makedev(1, 5))
     r = vmm("cpuid", "--file", str(zero))
-    assert r.returncode == 2 and "limit" in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and "character device" in r.stderr and r.stderr.count("\n") == 1
     r = vmm("xsave", "--layout", "--file", str(MILAN))
     assert r.returncode == 0, r.stderr
     assert "  9  PKRU       user         2432      8   2440" in r.stdout

@@ -420,7 +420,7 @@ def test_cli_xsave_layout_of_a_dump_needs_no_kvm():
     (("xsave",), "give GUEST (e.g. avx512) or --layout"),
     (("xsave", "avx512", "--layout"), "--layout takes no GUEST"),
     (("xsave", "--layout", "--file", "/nonexistent/dump.txt"),
-     "/nonexistent/dump.txt: no such CPUID dump file"),
+     "/nonexistent/dump.txt: no such file (expected a CPUID dump)"),
 ])
 def test_cli_xsave_bad_input_fails_before_kvm(args, message):
     """Each refused before /dev/kvm is opened: the device given does not exist."""

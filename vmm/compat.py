@@ -17,7 +17,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .cpudump import parse_cpuid_text, read_bounded
+from . import files
+from .cpudump import parse_cpuid_text
 from .cpuid import CpuidError, CpuidTable
 from .errors import VmmError
 from .xsave import XsaveError, XsaveLayout, bits_of, component_name, kvm_xsave_size, mask_names
@@ -75,8 +76,8 @@ def read_input(spec):
     if head == SNAPSHOT_MAGIC:
         return "snapshot", spec
     try:
-        raw = read_bounded(spec, what="probe report, CPUID JSON or CPUID dump")
-    except CpuidError as e:
+        raw = files.read_bytes(spec, "probe report, CPUID JSON or CPUID dump")
+    except files.FileError as e:
         raise CompatError(str(e)) from None
     try:
         text = raw.decode()

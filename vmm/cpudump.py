@@ -9,21 +9,20 @@ Formats read (each is a table of logical CPU 0; a file holding several CPUs give
   * ``json``: vmm's CPUID JSON (`vmm cpuid --json`, a snapshot's or baseline's ``cpuid`` object).
   * ``probe-report``: a `vmm probe` report; its ``host.supported_cpuid`` (KVM_GET_SUPPORTED_CPUID).
 
-Every read is bounded (MAX_DUMP_BYTES): an endless or huge input such as /dev/zero is refused with
-that reason, not read into memory.
+Every read goes through vmm.files (a regular file, at most MAX_DUMP_BYTES): an endless or huge input
+such as /dev/zero is refused with that reason, not read into memory.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 from dataclasses import dataclass, field
 
+from . import files
 from .cpuid import INDEXED_LEAVES, REGISTERS, SIGNIFICANT_INDEX, CpuidEntry, CpuidError, CpuidTable
 
-__all__ = ["MAX_DUMP_BYTES", "FORMATS", "CpuidDump", "read_bounded", "read_cpuid_file", "parse_cpuid_text"]
+__all__ = ["MAX_DUMP_BYTES", "FORMATS", "CpuidDump", "read_cpuid_file", "parse_cpuid_text"]
 
 # A full `cpuid -r` of a 512-thread host is about 2.5 MB; a 16 MiB bound leaves room and still
 # refuses endless inputs quickly.
@@ -51,45 +50,20 @@ class CpuidDump:
     notes: list = field(default_factory=list)  # e.g. "4 CPUs in the file: CPU 0 is used"
 
 
-def read_bounded(path, limit=MAX_DUMP_BYTES, what="file"):
-    """The bytes of `path`, at most `limit` of them: raises CpuidError naming the file when it is
-    not a regular file of at most `limit` bytes (a FIFO, /dev/zero) or cannot be read."""
-    path = os.fspath(path)
-    try:
-        if stat.S_ISFIFO(os.stat(path).st_mode):  # opening it would wait for a writer
-            raise CpuidError(f"{path}: a FIFO, not a {what} (give a regular file)")
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if stat.S_ISDIR(st.st_mode):
-                raise CpuidError(f"{path}: is a directory, not a {what}")
-            if st.st_size > limit:
-                raise CpuidError(f"{path}: {st.st_size} bytes, more than the {limit}-byte limit for a {what}")
-            data = f.read(limit + 1)
-    except FileNotFoundError:
-        raise CpuidError(f"{path}: no such {what} file") from None
-    except IsADirectoryError:
-        raise CpuidError(f"{path}: is a directory, not a {what}") from None
-    except OSError as e:
-        raise CpuidError(f"{path}: cannot read: {e.strerror or e}") from None
-    if len(data) > limit:
-        raise CpuidError(f"{path}: longer than the {limit}-byte limit for a {what} "
-                         "(an endless input such as a device or a pipe?)")
-    return data
-
-
 def read_cpuid_file(path, limit=MAX_DUMP_BYTES):
     """Read a CPUID dump of any accepted format (see the module docstring); CpuidError names the
-    file, the line and the formats accepted when it is none of them."""
-    raw = read_bounded(path, limit, "CPUID dump")
+    file, the line and the formats accepted when it is none of them, or why the file cannot be
+    read (vmm.files: a regular, non-empty file of at most `limit` bytes)."""
+    try:
+        raw = files.read_bytes(path, "CPUID dump", limit)
+    except files.FileError as e:
+        raise CpuidError(str(e)) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        try:
-            text = raw.decode("latin-1") if b"\0" not in raw else None
-        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-            text = None
-        if text is None:
+        if b"\0" in raw:
             raise CpuidError(f"{path}: binary data, not a CPUID dump ({_accepted()})") from None
+        text = raw.decode("latin-1")  # a dump with a brand string in a legacy code page
     return parse_cpuid_text(text, str(path))
 
 
