@@ -1,4 +1,5 @@
-"""The `vmm` command line. Every command has --json; errors print one line and exit 2."""
+"""The `vmm` command line. Every command has --json; errors print one line on stderr (and a JSON
+object on stdout with --json) and exit with a status from one scheme (commands/common.py)."""
 
 import os
 import sys
@@ -8,14 +9,19 @@ import click
 
 from . import kvm as kvm_mod
 
-from .commands.common import (EXIT_GUEST, EXIT_OK, GuestArg, _emit, amx_option, device_option,  # noqa: F401
-                              handle_errors, json_option, timeout_option)
+from .commands.common import (EXIT_STATUS_HELP, GuestArg, _emit, amx_option, device_option, exit_for_event,
+                              handle_errors, json_option, run_main, timeout_option)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="vmm")
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_STATUS_HELP)
+@click.version_option(package_name="vmm", message="%(prog)s %(version)s")
 def main():
     """A userspace VMM over real /dev/kvm for debugging x86 vCPU state."""
+
+
+def entry(argv=None):
+    """The `vmm` console script: the click group with the exit status scheme applied."""
+    run_main(main, argv)
 
 
 @main.command()
@@ -36,10 +42,9 @@ def run(guest, timeout, cpl, memory_mib, cpu_file, args, amx, device, as_json):
     """Boot GUEST (a built-in name or a flat binary; default: hello) and run it to its end.
 
     Prints the guest's console output, each SYNC, then one line with how it ended.
-    Exit status 0 only when the guest reports DONE."""
+    Exit status 0 when the guest reports DONE, 3 on timeout, 1 for any other ending."""
     from .commands.common import console_echo, load_cpu, run_to_end
     from .guest.machine import Machine
-    from .guest.runner import Done
 
     t0 = time.monotonic()
     with Machine(guest, cpl=int(cpl), memory=memory_mib << 20, device=device,
@@ -54,7 +59,7 @@ def run(guest, timeout, cpl, memory_mib, cpu_file, args, amx, device, as_json):
             if m.console and not m.console.endswith("\n"):
                 click.echo()
             click.echo(str(ev))
-    sys.exit(EXIT_OK if isinstance(ev, Done) else EXIT_GUEST)
+    sys.exit(exit_for_event(ev))
 
 
 @main.command()
@@ -112,4 +117,4 @@ from .commands import register  # noqa: E402  (the commands import this module's
 register(main)
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -16,6 +16,16 @@ class StateError(VmmError):
     """vCPU state (or a snapshot of it) that cannot be saved or restored."""
 
 
+class GuestInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) while a vCPU ran: still a KeyboardInterrupt, plus where the vCPU stopped
+    (`vcpu` index, `rip`, `seconds` of running) and `where`, the same as one line."""
+
+    def __init__(self, vcpu, rip, seconds):
+        self.vcpu, self.rip, self.seconds = vcpu, rip, seconds
+        self.where = f"vcpu {vcpu} stopped at rip 0x{rip:x} after {seconds:.3f} s"
+        super().__init__(self.where)
+
+
 # (ioctl, errno) -> what to do; (None, errno) is the fallback for any ioctl.
 _HINTS = {
     ("open", _errno.ENOENT): "no KVM on this host: load kvm_intel/kvm_amd (or kvm_pvm), or use a machine "

@@ -11,26 +11,138 @@ import click
 from .. import kvm as kvm_mod
 from ..errors import VmmError
 
-EXIT_OK, EXIT_GUEST, EXIT_ERROR = 0, 1, 2
+# The exit status scheme, the same for every command (README "Exit status"; `vmm --help`).
+EXIT_OK = 0           # success; the guest reported DONE; the verdict is yes
+EXIT_GUEST = 1        # the guest failed, faulted or ended otherwise; the verdict is no
+EXIT_USAGE = 2        # bad usage or unusable input (options, files, guest names, XCR0 masks)
+EXIT_TIMEOUT = 3      # the guest did not end (or reach its SYNC) within --timeout
+EXIT_HOST = 4         # KVM or the host failed: an ioctl, /dev/kvm, memory
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): the guest was stopped; where is reported
+EXIT_PIPE = 141       # the reader of standard output went away (`| head`): ends quietly
+EXIT_ERROR = EXIT_USAGE  # older name
+
+EXIT_STATUS_HELP = ("Exit status: 0 success (guest DONE, verdict yes); 1 guest failed or verdict no; "
+                    "2 usage or input error; 3 timeout; 4 KVM or host error; 130 interrupted; "
+                    "141 output pipe closed.")
 
 
 def _emit(obj):
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
 
 
+class GuestEnded(VmmError):
+    """The guest ended (or timed out) before the point a command needed; `event` tells how."""
+
+    def __init__(self, msg, event):
+        super().__init__(msg)
+        self.event = event
+
+
+def exit_for_event(ev):
+    """The exit status for how a guest ended: DONE 0, timeout 3, anything else 1."""
+    from ..guest.runner import Done, Timeout
+    if isinstance(ev, Done):
+        return EXIT_OK
+    return EXIT_TIMEOUT if isinstance(ev, Timeout) else EXIT_GUEST
+
+
+def classify(e):
+    """(exit status, kind, errno name or None) for an exception that ends a command."""
+    from ..errors import KvmError, errno_name
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted", None
+    if isinstance(e, click.exceptions.UsageError):
+        return EXIT_USAGE, "usage", None
+    if isinstance(e, KvmError):
+        return EXIT_HOST, "kvm", e.errno_name
+    if isinstance(e, GuestEnded):
+        code = exit_for_event(e.event)
+        return code, "timeout" if code == EXIT_TIMEOUT else "guest", None
+    err = getattr(e, "errno", None)
+    name = errno_name(err) if isinstance(err, int) else None
+    if isinstance(e, MemoryError):
+        return EXIT_HOST, "host", "ENOMEM"
+    if isinstance(e, OSError) and not isinstance(e, VmmError) and not e.filename:
+        return EXIT_HOST, "host", name
+    return EXIT_USAGE, "input", name  # VmmError, ValueError, OSError naming a file
+
+
+def message_of(e):
+    """One line for an exception (what str() says, or its type for an empty one)."""
+    if isinstance(e, KeyboardInterrupt):
+        where = getattr(e, "where", None)
+        return f"interrupted{': ' + where if where else ''}"
+    if isinstance(e, MemoryError):
+        return f"out of memory{': ' + str(e) if str(e) else ''}"
+    if isinstance(e, click.exceptions.UsageError):
+        cmd = e.ctx.command_path if e.ctx else "vmm"
+        return f"{e.format_message()} (see `{cmd} --help`)"
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and not isinstance(e, VmmError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {e.strerror or text}"
+    return text
+
+
+def quiet_pipe():
+    """stdout's reader went away: send what is left to /dev/null so the exit flush stays quiet."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+def fail(e, as_json=False):
+    """Report exception `e` (one line on stderr; with --json also a JSON object on stdout) and exit
+    with its status from the scheme."""
+    if isinstance(e, BrokenPipeError):
+        quiet_pipe()
+        sys.exit(EXIT_PIPE)
+    code, kind, err = classify(e)
+    msg = message_of(e)
+    try:
+        if as_json:
+            _emit({"error": msg, "kind": kind, "errno": err, "exit_status": code})
+        click.echo(f"vmm: {'error: ' if code != EXIT_INTERRUPTED else ''}{msg}", err=True)
+    except BrokenPipeError:
+        quiet_pipe()
+    sys.exit(code)
+
+
 def handle_errors(fn):
-    """Turn the project's errors (and bad input) into one clear line on stderr, exit 2."""
+    """Turn the project's errors, bad input, SIGINT and a closed stdout into the exit status scheme:
+    one line on stderr (and a JSON object on stdout with --json)."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(EXIT_ERROR)
-        except (VmmError, ValueError, OSError) as e:
-            click.echo(f"vmm: error: {e}", err=True)
-            sys.exit(EXIT_ERROR)
+        except (VmmError, ValueError, OSError, MemoryError, KeyboardInterrupt) as e:
+            fail(e, kw.get("as_json", False))
     return wrapper
+
+
+def wants_json(argv):
+    """Whether a command line asks for --json (for errors found before the command runs)."""
+    return "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
+
+
+def run_main(group, argv=None):
+    """Run the click group with the scheme applied to what click itself reports: usage errors are
+    one line (exit 2), Ctrl-C exits 130, a closed stdout exits quietly."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rv = group.main(args=argv, prog_name="vmm", standalone_mode=False)
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt into Abort
+        fail(e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else KeyboardInterrupt(),
+             wants_json(argv))
+    except click.exceptions.ClickException as e:
+        fail(e, wants_json(argv))
+    except (KeyboardInterrupt, BrokenPipeError) as e:
+        fail(e, wants_json(argv))
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        fail(BrokenPipeError())
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 device_option = click.option("--device", default=kvm_mod.DEFAULT_DEVICE, show_default=True,
@@ -92,8 +204,8 @@ def run_to_sync(m, n=1, timeout=10.0, vcpu=0):
     for i in range(n):
         ev = m.run(timeout=max(deadline - time.monotonic(), 1e-3), vcpu=vcpu)
         if not isinstance(ev, Sync):
-            raise VmmError(f"guest {m.image.name!r} ended with '{ev}' before reaching SYNC {n} "
-                           f"(it reached {i})")
+            raise GuestEnded(f"guest {m.image.name!r} ended with '{ev}' before reaching SYNC {n} "
+                             f"(it reached {i})", ev)
     return ev
 
 

@@ -5,6 +5,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .._bindings import ffi, lib
+from ..errors import GuestInterrupted
 from ..kvm import is_pvm
 from . import ports
 
@@ -271,7 +272,20 @@ class Runner:
         return Unhandled(self.vcpu.id, reason)
 
     def run_until_event(self, timeout=None):
-        """KVM_RUN until an event; a wall-clock timeout kicks KVM_RUN with SIGALRM + immediate_exit."""
+        """KVM_RUN until an event; a wall-clock timeout kicks KVM_RUN with SIGALRM + immediate_exit.
+        SIGINT (a KeyboardInterrupt) ends KVM_RUN with EINTR and is raised as GuestInterrupted,
+        which tells where the vCPU stopped."""
+        start = time.monotonic()
+        try:
+            return self._run_until_event(start, timeout)
+        except KeyboardInterrupt:
+            try:
+                rip = self.vcpu.get_regs().rip
+            except Exception:  # the interrupt itself is what matters
+                raise KeyboardInterrupt() from None
+            raise GuestInterrupted(self.vcpu.id, rip, time.monotonic() - start) from None
+
+    def _run_until_event(self, start, timeout):
         if timeout is None:
             while True:
                 ev = self.step()
@@ -279,7 +293,6 @@ class Runner:
                     return ev
         _install_kick()
         lib.vmm_kick_target(self.run)
-        start = time.monotonic()
         deadline = start + timeout
         # a repeating timer: a signal that lands between two KVM_RUNs still leaves
         # immediate_exit set for the next entry, and later ones keep kicking
