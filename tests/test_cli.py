@@ -31,7 +31,7 @@ def test_run_spin_timeout_is_bounded():
     t = time.monotonic()
     r = vmm("run", "spin", "--timeout", "1")
     assert time.monotonic() - t < 2 + 1.0  # plus interpreter start
-    assert r.returncode == 1 and r.stdout.startswith("timeout after")
+    assert r.returncode == 3 and r.stdout.startswith("timeout after")
 
 
 def test_run_triple_fault():
@@ -55,9 +55,7 @@ def test_caps_and_guests():
 
 @pytest.mark.parametrize("args, message", [
     (("run", "nope"), "unknown guest 'nope'"),
-    (("run", "/nonexistent/g.bin"), "does not exist"),
-    (("run", "--device", "/nonexistent/kvm"), "no KVM on this host"),
-    (("caps", "--device", "/nonexistent/kvm"), "ENOENT"),
+    (("run", "/nonexistent/g.bin"), "no such file"),
     (("snapshot", "sync", "-o", "/nonexistent/dir/s.snap"), "directory /nonexistent/dir does not exist"),
     (("run", "sync", "--timeout", "-1"), "not in the range"),
     (("restore", "/nonexistent/s.snap"), "cannot open"),
@@ -65,6 +63,16 @@ def test_caps_and_guests():
 def test_bad_input_is_one_clear_line(args, message):
     r = vmm(*args)
     assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("run", "--device", "/nonexistent/kvm"), "no KVM on this host"),
+    (("caps", "--device", "/nonexistent/kvm"), "ENOENT"),
+])
+def test_a_missing_kvm_device_is_a_host_error(args, message):
+    r = vmm(*args)
+    assert r.returncode == 4
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
@@ -85,4 +93,4 @@ def test_reg_get_and_list_json():
 
 def test_reg_get_guest_ssp_says_why():
     r = vmm("reg", "get", "sync", "GUEST_SSP")
-    assert r.returncode == 2 and "EINVAL" in r.stderr and "SHSTK" in r.stderr
+    assert r.returncode == 4 and "EINVAL" in r.stderr and "SHSTK" in r.stderr

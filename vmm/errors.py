@@ -33,6 +33,7 @@ _HINTS = {
     ("open", _errno.EACCES): "no permission on the KVM device: add your user to the 'kvm' group "
     "(then log in again) or run as root",
     ("open", _errno.EPERM): "no permission on the KVM device: add your user to the 'kvm' group or run as root",
+    ("open", _errno.EISDIR): "that is a directory, not the KVM device node (--device)",
     ("KVM_CREATE_VM", _errno.EBUSY): "another hypervisor holds the virtualization extensions",
     ("KVM_CREATE_VM", _errno.ENOMEM): "the host is out of memory for a VM",
     ("KVM_SET_CPUID2", _errno.EPERM): "the guest CPUID exposes a dynamically enabled XSAVE feature (AMX "

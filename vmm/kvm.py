@@ -2,9 +2,11 @@
 
 import errno
 import os
+import stat
 
 from ._bindings import ffi, ioctl, lib
 from .errors import KvmError
+from .files import kind_of
 
 DEFAULT_DEVICE = "/dev/kvm"
 
@@ -65,7 +67,17 @@ class Kvm:
         except OSError as e:
             raise KvmError("open", e.errno, detail=device) from None
         try:
-            version = self.get_api_version()
+            mode = os.fstat(self.fd).st_mode
+            if not stat.S_ISCHR(mode):
+                raise KvmError("open", errno.ENODEV, detail=device,
+                               hint=f"{device} is {kind_of(mode)}, not the KVM character device (--device)")
+            try:
+                version = self.get_api_version()
+            except KvmError as e:
+                if e.errno != errno.ENOTTY:
+                    raise
+                raise KvmError("KVM_GET_API_VERSION", e.errno, detail=device,
+                               hint=f"{device} is not a KVM device (--device names the KVM device node)") from None
             if version != lib.KVM_API_VERSION:
                 raise KvmError("KVM_GET_API_VERSION", errno.EINVAL,
                                hint=f"KVM API version {version}, this vmm needs {lib.KVM_API_VERSION}")

@@ -1,25 +1,72 @@
-"""Built-in guests: flat binaries built by `make guests` from guests/*.S, plus their symbols."""
+"""Guest images: the built-in guests (flat binaries built from guests/*.S, plus their symbols) and
+guest files given by path (a flat binary loaded at PAYLOAD_BASE, or a static ELF64 executable).
+
+An installed package (`pip install .`, a wheel) carries the built guests and their sources in
+vmm/guest/builtin/ (setup.py builds them); a source checkout uses guests/ and guests/build/
+(`make guests`). VMM_GUESTS_DIR overrides where the built binaries are read from."""
 
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import files
 from ..errors import GuestError
+from . import elf, runtime
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "guests"
+PACKAGED_DIR = Path(__file__).resolve().parent / "builtin"
+REPO_DIR = Path(__file__).resolve().parents[2] / "guests"
+SOURCE_DIR = PACKAGED_DIR if (PACKAGED_DIR / "runtime.bin").is_file() else REPO_DIR
+FLAT_MAX = runtime.SCRATCH_BASE - runtime.PAYLOAD_BASE  # a flat binary's room at PAYLOAD_BASE
+FILE_LIMIT = 256 << 20  # a guest file is read whole: bounded
+STACK_BYTES = 0x10000   # each vCPU's user stack below USER_STACK_TOP (Machine.setup_vcpu)
 
 
 def build_dir():
-    return Path(os.environ.get("VMM_GUESTS_DIR", SOURCE_DIR / "build"))
+    if "VMM_GUESTS_DIR" in os.environ:
+        return Path(os.environ["VMM_GUESTS_DIR"])
+    return SOURCE_DIR if SOURCE_DIR == PACKAGED_DIR else SOURCE_DIR / "build"
 
 
 @dataclass
 class Image:
+    """A payload: flat `code` at PAYLOAD_BASE, or ELF `segments` (elf.Segment) with its `entry`."""
     name: str
     code: bytes
     symbols: dict = field(default_factory=dict)
     description: str = ""
+    entry: int = runtime.PAYLOAD_BASE
+    elf_segments: list = None
+    path: str = None
+
+    @property
+    def segments(self):
+        """[(guest-physical address, bytes)] to write; memory past p_filesz is the VM's fresh zeros."""
+        if self.elf_segments is not None:
+            return [(s.addr, s.data) for s in self.elf_segments]
+        return [(runtime.PAYLOAD_BASE, self.code)]
+
+    def check_fits(self, memory, vcpus=1):
+        """Raise GuestError unless the payload fits guest memory of `memory` bytes with `vcpus`
+        user stacks: flat code within FLAT_MAX bytes; ELF segments at or above PAYLOAD_BASE (the
+        runtime's tables are below), inside guest memory, clear of the vCPUs' user stacks."""
+        if self.elf_segments is None:
+            if len(self.code) > FLAT_MAX:
+                raise GuestError(f"guest {self.name!r} is {len(self.code)} bytes, larger than the {FLAT_MAX} "
+                                 f"bytes of guest memory reserved for the payload at 0x{runtime.PAYLOAD_BASE:x}")
+            return
+        stacks = (runtime.USER_STACK_TOP - vcpus * STACK_BYTES, runtime.USER_STACK_TOP)
+        for s in self.elf_segments:
+            end = s.addr + s.memsz
+            if s.addr < runtime.PAYLOAD_BASE:
+                raise GuestError(f"guest {self.name!r}: segment at 0x{s.addr:x} is below 0x{runtime.PAYLOAD_BASE:x}, "
+                                 "where the runtime keeps its tables; link it at 0x100000 or above")
+            if end > memory:
+                raise GuestError(f"guest {self.name!r}: segment 0x{s.addr:x}..0x{end:x} lies beyond guest memory "
+                                 f"({memory >> 20} MiB); give --memory {-(-end >> 20)} or more")
+            if s.addr < stacks[1] and end > stacks[0]:
+                raise GuestError(f"guest {self.name!r}: segment 0x{s.addr:x}..0x{end:x} overlaps the vCPU user "
+                                 f"stacks at 0x{stacks[0]:x}..0x{stacks[1]:x}")
 
 
 def _symbols(path):
@@ -48,16 +95,34 @@ def names():
     return sorted(p.stem for p in SOURCE_DIR.glob("*.S") if p.stem != "runtime")
 
 
+def load_file(path):
+    """A guest file: a static ELF64 x86-64 executable (by its magic), else a flat binary for
+    PAYLOAD_BASE. Raises GuestError (missing, empty, a directory or special file, too big, bad ELF)."""
+    try:
+        data = files.read_bytes(path, "guest image (flat binary or ELF64)", FILE_LIMIT)
+    except files.FileError as e:
+        raise GuestError(str(e)) from None
+    p = Path(path)
+    name = p.stem or p.name
+    if elf.is_elf(data):
+        entry, segments = elf.parse(data, str(path))
+        return Image(name, b"", _symbols(p.with_suffix(".sym")), entry=entry, elf_segments=segments,
+                     path=str(path))
+    return Image(name, data, _symbols(p.with_suffix(".sym")), path=str(path))
+
+
 def load(name_or_path):
-    """A built-in guest by name, or a flat binary file by path (loaded at 1 MiB)."""
-    if os.sep in name_or_path or name_or_path.endswith(".bin"):
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise GuestError(f"guest file {path} does not exist")
-        return Image(path.stem, path.read_bytes(), _symbols(path.with_suffix(".sym")))
-    if name_or_path not in names() and name_or_path != "runtime":
-        raise GuestError(f"unknown guest {name_or_path!r}; built-in guests: {', '.join(names())} "
-                         "(or give a path to a flat binary)")
+    """A built-in guest by name, or a guest file by path (with or without a slash; see load_file).
+    A name without a slash that is both a built-in and a file in the current directory is the built-in."""
+    name_or_path = os.fspath(name_or_path)
+    if not name_or_path:
+        raise GuestError("empty guest name; give a built-in name (vmm guests) or a guest file")
+    builtin = name_or_path in names() or name_or_path == "runtime"
+    if "/" in name_or_path or (not builtin and os.path.lexists(name_or_path)):
+        return load_file(name_or_path)
+    if not builtin:
+        raise GuestError(f"unknown guest {name_or_path!r}: not a built-in guest ({', '.join(names())}) "
+                         "and no such file")
     path = build_dir() / f"{name_or_path}.bin"
     if not path.is_file():
         raise GuestError(f"guest {name_or_path!r} is not built ({path} missing): run `make guests`")

@@ -39,11 +39,7 @@ class Machine:
             raise ValueError(f"guest memory must be at least {runtime.MIN_MEMORY >> 20} MiB")
         self.args = _check_args(args)
         self.image = guest if isinstance(guest, catalog.Image) else catalog.load(guest)
-        if len(self.image.code) > runtime.SCRATCH_BASE - runtime.PAYLOAD_BASE:
-            from ..errors import GuestError
-            raise GuestError(f"guest {self.image.name!r} is {len(self.image.code)} bytes, larger than the "
-                             f"{runtime.SCRATCH_BASE - runtime.PAYLOAD_BASE} bytes of guest memory reserved "
-                             f"for the payload at 0x{runtime.PAYLOAD_BASE:x}")
+        self.image.check_fits(memory, vcpus)  # before any ioctl
         rt = self.runtime_image = catalog.load("runtime")
         self.cpl = cpl
         self._own_kvm = kvm is None
@@ -59,7 +55,7 @@ class Machine:
             if pit:  # the i8254 needs the in-kernel irqchip
                 self.vm.create_pit2()
             self.memory = self.vm.add_memory(memory)
-            runtime.install(self.vm, rt, self.image.code, memory)
+            runtime.install(self.vm, rt, self.image.segments, memory)
             self.cpuid = cpuid if cpuid is not None else default_guest_cpuid(self.kvm, xcr0)
             self.xcr0 = self.cpuid.xcr0_supported() if xcr0 is None else xcr0
             self.vcpus = []
@@ -78,7 +74,8 @@ class Machine:
         vcpu.set_cpuid2(self.cpuid.with_apic_id(index))
         xsave = self.cpuid.has("XSAVE")
         st = runtime.entry_state(self.cpl, xsave=xsave, base_sregs=vcpu.get_sregs(),
-                                 stack_top=runtime.USER_STACK_TOP - index * 0x10000)
+                                 stack_top=runtime.USER_STACK_TOP - index * catalog.STACK_BYTES,
+                                 entry=self.image.entry)
         st.regs.rsi = index  # the payload learns its vCPU index from %rsi
         vcpu.set_sregs(st.sregs)
         vcpu.set_regs(st.regs)

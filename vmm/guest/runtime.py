@@ -132,10 +132,14 @@ def entry_state(cpl=3, xsave=True, entry=PAYLOAD_BASE, base_sregs=None, stack_to
 
 
 def install(vm, runtime, payload, mem):
-    """Write the runtime tables, the CPL0 stubs (a catalog Image) and the payload into guest memory."""
-    if len(payload) > SCRATCH_BASE - PAYLOAD_BASE:
-        raise ValueError(f"payload of {len(payload)} bytes does not fit between 0x{PAYLOAD_BASE:x} and "
-                         f"0x{SCRATCH_BASE:x}")
+    """Write the runtime tables, the CPL0 stubs (a catalog Image) and the payload into guest memory.
+    `payload` is flat bytes for PAYLOAD_BASE, or [(guest-physical address, bytes)] (ELF segments,
+    checked against memory by catalog.Image.check_fits)."""
+    if isinstance(payload, (bytes, bytearray)):
+        if len(payload) > SCRATCH_BASE - PAYLOAD_BASE:
+            raise ValueError(f"payload of {len(payload)} bytes does not fit between 0x{PAYLOAD_BASE:x} and "
+                             f"0x{SCRATCH_BASE:x}")
+        payload = [(PAYLOAD_BASE, payload)]
     vm.write(GDT_BASE, build_gdt())
     vm.write(IDT_BASE, build_idt(RUNTIME_BASE))
     vm.write(TSS_BASE, build_tss())
@@ -144,4 +148,5 @@ def install(vm, runtime, payload, mem):
     vm.write(PML4_BASE, pml4)
     vm.write(PDPT_BASE, pdpt)
     vm.write(PD_BASE, pds)
-    vm.write(PAYLOAD_BASE, payload)
+    for addr, data in payload:
+        vm.write(addr, data)
