@@ -96,7 +96,7 @@ def test_set_cpuid2_with_xtiledata_needs_permission(kvm, tmp_path):
     path = tmp_path / "xtiledata.json"
     path.write_text(json.dumps(cpuid.to_json()))
     r = _vmm("run", "--cpu", str(path))
-    assert r.returncode == 2 and r.stdout == ""
+    assert r.returncode == 4 and r.stdout == ""
     assert r.stderr.startswith("vmm: error: KVM_SET_CPUID2 failed: EPERM (Operation not permitted); ")
     assert "arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) before creating vCPUs" in r.stderr
     assert r.stderr.count("\n") == 1
@@ -107,10 +107,10 @@ def test_vmm_run_amx(kvm):
     if not _amx_problems(kvm):
         assert r.returncode == 0 and r.stdout.endswith("done\n"), r.stderr
     elif PERMISSION_ERROR is not None:  # here
-        assert r.returncode == 2 and r.stdout == ""
+        assert r.returncode == 4 and r.stdout == ""
         assert r.stderr == f"vmm: error: {PERMISSION_ERROR}\n"
     else:
-        assert r.returncode == 2 and "AMX is not available to guests" in r.stderr
+        assert r.returncode == 4 and "AMX is not available to guests" in r.stderr
 
 
 def test_vmm_amx_report(kvm):

@@ -13,7 +13,7 @@ import pytest
 from vmm.errors import GuestError
 from vmm.guest import catalog, elf
 
-GUESTS = Path(__file__).resolve().parents[1] / "guests"
+SDK = Path(__file__).resolve().parents[1] / "vmm" / "sdk"  # vmm.inc: the port protocol
 
 # Two segments far apart (code at 4 MiB, data at 6 MiB) and a .bss the guest checks is zero.
 SOURCE = """
@@ -62,7 +62,7 @@ def build(tmp_path, name="g", code=0x400000, data=0x600000, as_flags=("--64",), 
     src.write_text(SOURCE)
     ld.write_text(LINKER.format(code=code, data=data))
     obj, out = tmp_path / f"{name}.o", tmp_path / f"{name}.elf"
-    subprocess.run(["as", *as_flags, "-I", str(GUESTS), "-o", str(obj), str(src)], check=True)
+    subprocess.run(["as", *as_flags, "-I", str(SDK), "-o", str(obj), str(src)], check=True)
     subprocess.run(["ld", *ld_flags, "-static", "-nostdlib", "-T", str(ld), "-o", str(out), str(obj)],
                    check=True)
     return out

@@ -58,6 +58,7 @@ AMX_FEATURES = ("AMX_TILE", "AMX_INT8", "AMX_BF16")  # CPUID.(07H,0):EDX[24,25,2
 
 class AmxError(VmmError):
     """AMX cannot be offered to a guest here; the message lists each missing piece."""
+    kind = "host"  # the CLI's exit status 4: a limit of this host, not bad input
 
 
 # -- arch_prctl -------------------------------------------------------------------------------

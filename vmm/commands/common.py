@@ -1,5 +1,6 @@
 """Helpers shared by the CLI commands: booting a guest, running it to a SYNC or to its end."""
 
+import errno
 import functools
 import json
 import os
@@ -55,6 +56,8 @@ def classify(e):
         return EXIT_USAGE, "usage", None
     if isinstance(e, KvmError):
         return EXIT_HOST, "kvm", e.errno_name
+    if getattr(e, "kind", None) == "host":  # an error class that names a limit of the host
+        return EXIT_HOST, "host", None
     if isinstance(e, GuestEnded):
         code = exit_for_event(e.event)
         return code, "timeout" if code == EXIT_TIMEOUT else "guest", None
@@ -62,9 +65,9 @@ def classify(e):
     name = errno_name(err) if isinstance(err, int) else None
     if isinstance(e, MemoryError):
         return EXIT_HOST, "host", "ENOMEM"
-    if isinstance(e, OSError) and not isinstance(e, VmmError) and not e.filename:
+    if isinstance(e, OSError) and err in (errno.ENOMEM, errno.EIO, errno.EMFILE, errno.ENFILE):
         return EXIT_HOST, "host", name
-    return EXIT_USAGE, "input", name  # VmmError, ValueError, OSError naming a file
+    return EXIT_USAGE, "input", name  # VmmError, ValueError, OSError about a path
 
 
 def message_of(e):

@@ -5,7 +5,7 @@ import sys
 import click
 
 from .. import regs
-from .common import (EXIT_GUEST, EXIT_OK, _emit, console_echo, device_option, handle_errors, json_option,
+from .common import (_emit, exit_for_event, console_echo, device_option, handle_errors, json_option,
                      run_to_end, run_to_sync, timeout_option)
 
 guest_arg = click.argument("guest")
@@ -90,7 +90,6 @@ def reg_get(guest, names, device, at_sync, timeout, as_json):
 def reg_set(guest, assignments, device, at_sync, timeout, as_json):
     """Set NAME=VALUE at the guest's SYNC, read it back, then let the guest continue to its end
     (so a guest such as msr-report shows what it sees)."""
-    from ..guest.runner import Done
     pairs = [regs.parse_assignment(a) for a in assignments]
     with _boot(guest, device, at_sync, timeout, as_json) as m:
         acc = regs.RegisterAccess(m.vcpu)
@@ -107,7 +106,7 @@ def reg_set(guest, assignments, device, at_sync, timeout, as_json):
                    "console": m.console, "syncs": [hex(s) for s in syncs], "exit": ev.to_json()})
         else:
             click.echo(str(ev))
-    sys.exit(EXIT_OK if isinstance(ev, Done) else EXIT_GUEST)
+    sys.exit(exit_for_event(ev))
 
 
 COMMANDS = [reg]

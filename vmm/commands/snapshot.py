@@ -7,7 +7,7 @@ import time
 
 import click
 
-from .common import (EXIT_GUEST, EXIT_OK, _emit, console_echo, device_option, handle_errors, json_option,
+from .common import (EXIT_GUEST, EXIT_OK, _emit, exit_for_event, console_echo, device_option, handle_errors, json_option,
                      amx_option, load_cpu, run_to_end, run_to_sync, timeout_option)
 
 
@@ -65,7 +65,6 @@ def restore_cmd(file, timeout, device, as_json):
     """Restore FILE in this process and run every vCPU to its end (exit 0 when all are DONE)."""
     from .. import snapshot
     from ..guest.machine import Machine
-    from ..guest.runner import Done
     from ..state import xsave_restored_as_saved
     snap = snapshot.load(file)  # every check before any VM exists
     t0 = time.monotonic()
@@ -79,14 +78,14 @@ def restore_cmd(file, timeout, device, as_json):
             if not as_json:
                 click.echo(f"vcpu {i}: {ev}" if len(m.vcpus) > 1 else str(ev))
         console = m.console
-    ok = all(isinstance(ev, Done) for ev, _ in results)
     if as_json:
         _emit({"file": file, "restore_ms": round(restore_ms, 3), "xsave_identical": identical,
                "console": console,
                "vcpus": [{"exit": ev.to_json(), "syncs": [hex(s) for s in syncs]} for ev, syncs in results]})
     elif not all(identical):
         click.echo("warning: the XSAVE area after restore differs from the saved one", err=True)
-    sys.exit(EXIT_OK if ok and all(identical) else EXIT_GUEST)
+    codes = [exit_for_event(ev) for ev, _ in results]
+    sys.exit(max(codes) if any(codes) else (EXIT_OK if all(identical) else EXIT_GUEST))
 
 
 @click.command("inspect")
