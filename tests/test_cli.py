@@ -94,3 +94,35 @@ def test_reg_get_and_list_json():
 def test_reg_get_guest_ssp_says_why():
     r = vmm("reg", "get", "sync", "GUEST_SSP")
     assert r.returncode == 4 and "EINVAL" in r.stderr and "SHSTK" in r.stderr
+
+
+def test_run_imports_only_what_booting_a_guest_needs():
+    """`vmm run` leaves the XSAVE decoder, the CPUID feature names' helpers, the register name tables,
+    the probes and the other commands unimported (cold start); --help still lists every command."""
+    code = ("import sys; from vmm.cli import main\n"
+            "try:\n    main(['run'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('vmm'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.splitlines()[-1].split())
+    assert "vmm.guest.runner" in loaded  # the guest really ran
+    for heavy in ("vmm.xsave", "vmm.regs", "vmm.probe", "vmm.amx", "vmm.compat", "vmm.state",
+                  "vmm.snapshot", "vmm.commands.cpuid", "vmm.commands.xsave", "vmm.commands.probe"):
+        assert heavy not in loaded, heavy
+    listed = vmm("--help").stdout
+    for name in ("amx", "baseline", "caps", "compat", "cpuid", "guest-sdk", "guests", "inspect", "probe",
+                 "reg", "restore", "run", "snapshot", "xsave"):
+        assert f"\n  {name} " in listed, name
+
+
+def test_every_command_module_is_in_the_lazy_table():
+    """commands.LAZY names each command of each module once, with the module that defines it."""
+    import importlib
+    import importlib.util
+
+    from vmm import commands
+    for module in commands.MODULES:
+        if importlib.util.find_spec(f"vmm.commands.{module}") is None:
+            continue  # not written yet
+        names = {c.name for c in importlib.import_module(f"vmm.commands.{module}").COMMANDS}
+        assert names == {n for n, m in commands.LAZY.items() if m == module}, module

@@ -9,11 +9,12 @@ import click
 
 from . import kvm as kvm_mod
 
+from .commands import LazyGroup
 from .commands.common import (EXIT_STATUS_HELP, GuestArg, _emit, amx_option, device_option, exit_for_event,
                               handle_errors, json_option, run_main, timeout_option)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_STATUS_HELP)
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_STATUS_HELP)
 @click.version_option(package_name="vmm", message="%(prog)s %(version)s")
 def main():
     """A userspace VMM over real /dev/kvm for debugging x86 vCPU state."""
@@ -111,10 +112,6 @@ def guests(as_json):
     for n, d in rows:
         click.echo(f"{n:<14} {d.split('; ')[0].rstrip('.')}")
 
-
-from .commands import register  # noqa: E402  (the commands import this module's helpers)
-
-register(main)
 
 if __name__ == "__main__":
     entry()

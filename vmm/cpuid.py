@@ -11,7 +11,6 @@ vol. 3 (leaf 0x80000001).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -533,6 +532,7 @@ class CpuidTable:
         key = _normalize_name(name)
         if key in FEATURES:
             return FEATURES[key]
+        import difflib
         close = difflib.get_close_matches(key, FEATURES, n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise CpuidError(f"unknown CPUID feature {name!r}{hint}")
@@ -607,7 +607,7 @@ class CpuidTable:
         experiment can provoke the #GP that XSETBV raises for them; only the
         dependent feature bits are cleared.
         """
-        from .xsave import XsaveLayout  # xsave imports this module at top level
+        from .xsave_layout import XsaveLayout
 
         supported = self.xcr0_supported()
         if not supported:

@@ -28,6 +28,8 @@ def _copy_in(c, obj):
 
 @dataclass
 class Regs:
+    """struct kvm_regs: the general-purpose registers, RIP and RFLAGS."""
+
     rax: int = 0
     rbx: int = 0
     rcx: int = 0
@@ -63,6 +65,8 @@ class Regs:
 
 @dataclass
 class Segment:
+    """struct kvm_segment: one segment register, its hidden part included."""
+
     base: int = 0
     limit: int = 0
     selector: int = 0
@@ -87,6 +91,8 @@ class Segment:
 
 @dataclass
 class DTable:
+    """struct kvm_dtable: GDTR or IDTR."""
+
     base: int = 0
     limit: int = 0
 
@@ -103,6 +109,8 @@ SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
 @dataclass
 class Sregs:
+    """struct kvm_sregs: segment, descriptor-table and control registers, EFER, APIC base."""
+
     cs: Segment = field(default_factory=Segment)
     ds: Segment = field(default_factory=Segment)
     es: Segment = field(default_factory=Segment)

@@ -7,7 +7,7 @@ import os
 from ._bindings import ffi, ioctl, lib
 from .cstructs import Regs, Sregs
 from .errors import KvmError, StateError
-from .xsave import SSE, SSE_COMPONENT, X87, X87_COMPONENT, XsaveError, XsaveLayout, validate_for_set
+from .xsave_layout import SSE, SSE_COMPONENT, X87, X87_COMPONENT, XsaveError, XsaveLayout
 
 XSAVE_LEGACY_SIZE = 4096  # sizeof(struct kvm_xsave): the most legacy KVM_GET_XSAVE can carry
 XCR0_X87_SSE = 0x3
@@ -272,6 +272,7 @@ class Vcpu:
     def validate_xsave(self, raw):
         """The checks set_xsave makes before KVM_SET_XSAVE (raises XsaveError); no ioctl but the
         size and permission reads."""
+        from .xsave import validate_for_set  # the buffer decoder: only when a buffer is set
         size, supported = self._xsave_limits()
         if supported.xcr0_supported():
             layout = _layout_of(supported)

@@ -1,12 +1,13 @@
 """Machine: a VM with the guest runtime installed and vCPUs ready at the payload's entry."""
 
 from .. import kvm as kvm_mod
-from ..amx import XFEATURE_MASK_XTILE, enable as enable_amx
 from .._bindings import lib
+from ..xsave_layout import XTILECFG, XTILEDATA
 from . import catalog, runtime
 from .runner import Runner
 
 XCR0_X87_SSE = 0x3
+XCR0_XTILE = 1 << XTILECFG | 1 << XTILEDATA  # AMX: only with amx=True (vmm/amx.py)
 
 
 def default_guest_cpuid(kvm, xcr0=None):
@@ -15,7 +16,7 @@ def default_guest_cpuid(kvm, xcr0=None):
     and some hosts (PVM) list XSAVE components in leaf 0xD but not the XSAVE bit; we set it then."""
     supported = kvm.get_supported_cpuid()
     xcr0 = supported.xcr0_supported() if xcr0 is None else xcr0
-    return supported.guest_for_xcr0(xcr0 & ~XFEATURE_MASK_XTILE)  # AMX only with amx=True
+    return supported.guest_for_xcr0(xcr0 & ~XCR0_XTILE)
 
 
 def _check_args(args):
@@ -47,6 +48,7 @@ class Machine:
         self.amx = None
         try:
             if amx:  # AMX guest permission must precede the first vCPU (vmm/amx.py)
+                from ..amx import enable as enable_amx
                 self.amx = enable_amx(self.kvm, xcr0)
                 cpuid = self.amx.guest_cpuid if cpuid is None else cpuid
             self.vm = self.kvm.create_vm()

@@ -96,6 +96,8 @@ def build_page_tables(mem_size):
 
 @dataclass
 class EntryState:
+    """The registers a vCPU starts the payload with."""
+
     regs: Regs
     sregs: Sregs
 
