@@ -18,36 +18,6 @@ long vmm_ioctl_int(int fd, unsigned long request, unsigned long arg)
 	return r < 0 ? -errno : r;
 }
 
-/*
- * The timeout kick: KVM_RUN returns -EINTR when a signal arrives while the
- * guest runs, but a signal that lands just before the ioctl would be lost.
- * Setting immediate_exit from the handler closes that window (the kernel
- * checks it on entry), which a Python-level handler cannot do in time.
- */
-static struct kvm_run *volatile vmm_kick_run;
-
-static void vmm_kick_handler(int sig)
-{
-	(void)sig;
-	if (vmm_kick_run)
-		vmm_kick_run->immediate_exit = 1;
-}
-
-int vmm_kick_install(int signo)
-{
-	struct sigaction sa;
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = vmm_kick_handler;
-	sigemptyset(&sa.sa_mask);
-	/* no SA_RESTART: KVM_RUN must come back with EINTR */
-	return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
-}
-
-void vmm_kick_target(struct kvm_run *run)
-{
-	vmm_kick_run = run;
-}
-
 long vmm_arch_prctl(int code, unsigned long addr)
 {
 	long r = syscall(SYS_arch_prctl, code, addr);

@@ -46,7 +46,8 @@ ffibuilder.set_source(
     "struct vmm_hdr_ioctl { const char *name; unsigned long value; int defined; };\n"
     + _hdr_table()
     + _read("helpers.c")
-    + _read("fastpath.c"),
+    + _read("fastpath.c")
+    + _read("runloop.c"),
     include_dirs=[CDEFS],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
 )

@@ -1,11 +1,10 @@
 """The run loop: KVM_RUN until something the caller must see, returned as a typed event."""
 
-import signal
 import time
 from dataclasses import asdict, dataclass
 
 from .._bindings import ffi, lib
-from ..errors import GuestInterrupted
+from ..errors import GuestInterrupted, KvmError
 from ..kvm import is_pvm
 from . import ports
 
@@ -16,6 +15,8 @@ EXCEPTION_NAMES = {0: "DE", 1: "DB", 2: "NMI", 3: "BP", 4: "OF", 5: "BR", 6: "UD
 
 @dataclass
 class Event:
+    """Something the caller of the run loop must see, from vCPU `vcpu`."""
+
     vcpu: int = 0
 
     kind = "event"
@@ -30,6 +31,8 @@ class Event:
 
 @dataclass
 class Sync(Event):
+    """The guest wrote `value` to the SYNC port (0x500): a sync point."""
+
     value: int = 0
     kind = "sync"
 
@@ -39,6 +42,8 @@ class Sync(Event):
 
 @dataclass
 class Done(Event):
+    """The guest reported that it finished (port 0x501)."""
+
     kind = "done"
 
     def __str__(self):
@@ -47,6 +52,8 @@ class Done(Event):
 
 @dataclass
 class Fail(Event):
+    """The guest reported a failure `code` (port 0x502)."""
+
     code: int = 0
     kind = "fail"
 
@@ -75,6 +82,8 @@ class Fault(Event):
 
 @dataclass
 class Mmio(Event):
+    """An access to guest-physical memory no slot backs (KVM_EXIT_MMIO)."""
+
     address: int = 0
     is_write: bool = False
     len: int = 0
@@ -89,6 +98,8 @@ class Mmio(Event):
 
 @dataclass
 class Hlt(Event):
+    """HLT with no in-kernel LAPIC to wait in (KVM_EXIT_HLT)."""
+
     rip: int = 0
     kind = "hlt"
 
@@ -113,6 +124,8 @@ class Shutdown(Event):
 
 @dataclass
 class InternalError(Event):
+    """KVM_EXIT_INTERNAL_ERROR: KVM could not go on (e.g. an instruction it cannot emulate)."""
+
     suberror: int = 0
     rip: int = 0
     cpl: int = 0
@@ -129,6 +142,8 @@ class InternalError(Event):
 
 @dataclass
 class FailEntry(Event):
+    """KVM_EXIT_FAIL_ENTRY: the hardware refused to enter the guest."""
+
     reason: int = 0
     cpu: int = 0
     kind = "fail-entry"
@@ -139,6 +154,8 @@ class FailEntry(Event):
 
 @dataclass
 class Timeout(Event):
+    """The run's wall-clock limit passed after `seconds`; the guest was at `rip`."""
+
     seconds: float = 0.0
     rip: int = 0
     kind = "timeout"
@@ -149,6 +166,8 @@ class Timeout(Event):
 
 @dataclass
 class Unhandled(Event):
+    """An exit this run loop does not handle."""
+
     exit_reason: int = 0
     detail: str = ""
     kind = "unhandled"
@@ -159,20 +178,15 @@ class Unhandled(Event):
 
 TERMINAL = (Done, Fail, Fault, Shutdown, InternalError, FailEntry, Timeout, Unhandled, Hlt, Mmio)
 
-_kick_installed = False
-
-
-def _install_kick():
-    global _kick_installed
-    if not _kick_installed:
-        r = lib.vmm_kick_install(signal.SIGALRM)
-        if r < 0:
-            raise OSError(-r, "sigaction(SIGALRM) for the run-loop timeout")
-        _kick_installed = True
+TIMER_INTERVAL_NS = 10_000_000  # after the first kick at the deadline, one every 10 ms
 
 
 class Runner:
-    """Runs one vCPU and turns its exits into events; console bytes go to `on_console`."""
+    """Runs one vCPU and turns its exits into events; console bytes go to `on_console`.
+
+    The hot loop is C (cdefs/runloop.c): writes to ports outside the protocol, reads of the COM1
+    line status and of unknown ports, and signal kicks before the deadline never come back to
+    Python. Everything else is dispatched here through tables made once per Runner."""
 
     def __init__(self, vm, vcpu, on_console=None, args=()):
         self.vm = vm
@@ -182,50 +196,99 @@ class Runner:
         self.run = vcpu.kvm_run
         self.console = bytearray()
         self.on_console = on_console
-        self.exits = 0
+        self._out = {ports.COM1_THR: self._console, ports.PORT_SYNC: self._sync,
+                     ports.PORT_DONE: self._done, ports.PORT_FAIL: self._fail, ports.PORT_EXC: self._fault,
+                     ports.PORT_ARG: self._select_arg}
+        self._in = {ports.PORT_ARG: self._arg_low, ports.PORT_ARG_HI: self._arg_high,
+                    ports.PORT_ARG_COUNT: lambda: len(self.args)}
+        self._exit = {lib.KVM_EXIT_INTR: _ignore, lib.KVM_EXIT_IO: self._io, lib.KVM_EXIT_HLT: self._hlt, lib.KVM_EXIT_MMIO: self._mmio,
+                      lib.KVM_EXIT_SHUTDOWN: self._shutdown, lib.KVM_EXIT_INTERNAL_ERROR: self._internal_error,
+                      lib.KVM_EXIT_FAIL_ENTRY: self._fail_entry, lib.KVM_EXIT_SYSTEM_EVENT: self._system_event}
+        loop = self._loop = ffi.new("struct vmm_loop *")
+        loop.fd, loop.run = vcpu.fd, self.run
+        wanted = sorted(set(self._out) | set(self._in))
+        loop.nports = len(wanted)
+        loop.ports[0:len(wanted)] = wanted
+        loop.in_port, loop.in_value = ports.COM1_LSR, ports.LSR_IDLE
 
-    def _io(self):
-        io = self.run.io
-        data = ffi.cast("uint8_t *", self.run) + io.data_offset
-        port, size = io.port, io.size
-        out = io.direction == lib.KVM_EXIT_IO_OUT
-        value = int.from_bytes(ffi.buffer(data, size), "little") if out else 0
-        vid = self.vcpu.id
-        if port == ports.COM1_THR and out:
-            chunk = bytes(ffi.buffer(data, size * io.count))[::size]
-            self.console += chunk
-            if self.on_console:
-                self.on_console(chunk)
-            return None
-        if port == ports.COM1_LSR and not out:
-            data[0] = ports.LSR_IDLE
-            return None
-        if port == ports.PORT_SYNC and out:
-            return Sync(vid, value)
-        if port == ports.PORT_DONE and out:
-            return Done(vid)
-        if port == ports.PORT_FAIL and out:
-            return Fail(vid, value)
-        if port == ports.PORT_EXC and out:
-            rsp = self.vcpu.get_regs().rsp
-            vec, err, rip, cs, _rflags, ursp = (self.vm.mem_at(rsp, 48).read_u64(rsp + 8 * i)
-                                                for i in range(6))
-            return Fault(vid, vec, err, rip, cs, ursp)
-        if port == ports.PORT_ARG and out:
-            self.arg_selected = value
-            return None
-        if port in (ports.PORT_ARG, ports.PORT_ARG_HI, ports.PORT_ARG_COUNT) and not out:
-            arg = self.args[self.arg_selected] if self.arg_selected < len(self.args) else 0
-            v = {ports.PORT_ARG: arg & 0xFFFFFFFF, ports.PORT_ARG_HI: arg >> 32,
-                 ports.PORT_ARG_COUNT: len(self.args)}[port]
-            ffi.buffer(data, size)[:] = (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-            return None
-        if not out:  # unknown input port reads as all-ones, like an empty ISA bus
-            ffi.buffer(data, size * io.count)[:] = b"\xff" * (size * io.count)
-            return None
-        return None  # writes to unknown ports are ignored
+    @property
+    def exits(self):
+        """KVM_RUN returns so far, handled in C or not."""
+        return self._loop.exits
 
-    def _internal_error(self):
+    # --- exits the C loop returns -------------------------------------------------------------
+    def _io(self, reason):
+        loop = self._loop
+        if loop.out:
+            handler = self._out.get(loop.port)
+            return handler() if handler else None  # writes to other ports are ignored
+        data = ffi.cast("uint8_t *", self.run) + self.run.io.data_offset
+        handler = self._in.get(loop.port)
+        if handler is None:  # reads as all-ones, like an empty ISA bus
+            n = loop.size * loop.count
+            ffi.memmove(data, b"\xff" * n, n)
+        else:
+            size = loop.size
+            ffi.memmove(data, (handler() & ((1 << (8 * size)) - 1)).to_bytes(size, "little"), size)
+        return None
+
+    def _select_arg(self):
+        self.arg_selected = self._loop.value
+        return None
+
+    def _arg(self):
+        return self.args[self.arg_selected] if self.arg_selected < len(self.args) else 0
+
+    def _arg_low(self):
+        return self._arg() & 0xFFFFFFFF
+
+    def _arg_high(self):
+        return self._arg() >> 32
+
+    def _console(self):
+        loop = self._loop
+        data = ffi.cast("uint8_t *", self.run) + self.run.io.data_offset
+        chunk = ffi.buffer(data, loop.size * loop.count)[::loop.size]
+        self.console += chunk
+        if self.on_console:
+            self.on_console(chunk)
+        return None
+
+    def _sync(self):
+        return Sync(self.vcpu.id, self._loop.value)
+
+    def _done(self):
+        return Done(self.vcpu.id)
+
+    def _fail(self):
+        return Fail(self.vcpu.id, self._loop.value)
+
+    def _fault(self):
+        rsp = self.vcpu.get_regs().rsp
+        vec, err, rip, cs, _rflags, ursp = (self.vm.mem_at(rsp, 48).read_u64(rsp + 8 * i) for i in range(6))
+        return Fault(self.vcpu.id, vec, err, rip, cs, ursp)
+
+    def _hlt(self, reason):
+        return Hlt(self.vcpu.id, self.vcpu.get_regs().rip)
+
+    def _mmio(self, reason):
+        m = self.run.mmio
+        return Mmio(self.vcpu.id, m.phys_addr, bool(m.is_write), m.len,
+                    int.from_bytes(bytes(m.data[0:m.len]), "little") if m.is_write else 0,
+                    self.vcpu.get_regs().rip)
+
+    def _shutdown(self, reason):
+        regs, s = self.vcpu.get_regs(), self.vcpu.get_sregs()
+        return Shutdown(self.vcpu.id, regs.rip, regs.rsp, s.cr0, s.cr3, s.cr4, s.cpl)
+
+    def _fail_entry(self, reason):
+        r = self.run
+        return FailEntry(self.vcpu.id, r.fail_entry.hardware_entry_failure_reason, r.fail_entry.cpu)
+
+    def _system_event(self, reason):
+        return Unhandled(self.vcpu.id, reason, f"system event type {self.run.system_event.type}")
+
+    def _internal_error(self, reason):
         r = self.run
         regs = self.vcpu.get_regs()
         sregs = self.vcpu.get_sregs()
@@ -244,37 +307,12 @@ class Runner:
                     "cannot emulate SSE/AVX/XSAVE instructions: run the payload at CPL3 (--cpl 3)")
         return InternalError(self.vcpu.id, r.internal.suberror, regs.rip, sregs.cpl, insn, hint)
 
-    def step(self):
-        """One KVM_RUN; returns an Event, or None when the exit was handled internally."""
-        reason = self.vcpu.run()
-        self.exits += 1
-        r = self.run
-        if reason == lib.KVM_EXIT_IO:
-            return self._io()
-        if reason == lib.KVM_EXIT_INTR:
-            return None
-        if reason == lib.KVM_EXIT_HLT:
-            return Hlt(self.vcpu.id, self.vcpu.get_regs().rip)
-        if reason == lib.KVM_EXIT_MMIO:
-            m = r.mmio
-            return Mmio(self.vcpu.id, m.phys_addr, bool(m.is_write), m.len,
-                        int.from_bytes(bytes(m.data[0:m.len]), "little") if m.is_write else 0,
-                        self.vcpu.get_regs().rip)
-        if reason == lib.KVM_EXIT_SHUTDOWN:
-            regs, s = self.vcpu.get_regs(), self.vcpu.get_sregs()
-            return Shutdown(self.vcpu.id, regs.rip, regs.rsp, s.cr0, s.cr3, s.cr4, s.cpl)
-        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
-            return self._internal_error()
-        if reason == lib.KVM_EXIT_FAIL_ENTRY:
-            return FailEntry(self.vcpu.id, r.fail_entry.hardware_entry_failure_reason, r.fail_entry.cpu)
-        if reason == lib.KVM_EXIT_SYSTEM_EVENT:
-            return Unhandled(self.vcpu.id, reason, f"system event type {r.system_event.type}")
-        return Unhandled(self.vcpu.id, reason)
-
+    # --- the loop -----------------------------------------------------------------------------
     def run_until_event(self, timeout=None):
-        """KVM_RUN until an event; a wall-clock timeout kicks KVM_RUN with SIGALRM + immediate_exit.
-        SIGINT (a KeyboardInterrupt) ends KVM_RUN with EINTR and is raised as GuestInterrupted,
-        which tells where the vCPU stopped."""
+        """KVM_RUN until an event. A wall-clock `timeout` (seconds) is armed once for the whole
+        call: a SIGALRM timer whose C handler sets immediate_exit (cdefs/runloop.c). SIGINT (a
+        KeyboardInterrupt) ends KVM_RUN with EINTR and is raised as GuestInterrupted, which tells
+        where the vCPU stopped. Raises KvmError when KVM_RUN fails."""
         start = time.monotonic()
         try:
             return self._run_until_event(start, timeout)
@@ -286,29 +324,32 @@ class Runner:
             raise GuestInterrupted(self.vcpu.id, rip, time.monotonic() - start) from None
 
     def _run_until_event(self, start, timeout):
-        if timeout is None:
-            while True:
-                ev = self.step()
-                if ev is not None:
-                    return ev
-        _install_kick()
-        lib.vmm_kick_target(self.run)
-        deadline = start + timeout
-        # a repeating timer: a signal that lands between two KVM_RUNs still leaves
-        # immediate_exit set for the next entry, and later ones keep kicking
-        signal.setitimer(signal.ITIMER_REAL, max(timeout, 1e-4), 0.01)
+        loop, handlers, run = self._loop, self._exit, self.run
+        if timeout is not None:
+            r = lib.vmm_loop_arm(loop, max(int(timeout * 1e9), 1000), TIMER_INTERVAL_NS)
+            if r < 0:
+                raise OSError(-r, "sigaction/setitimer for the run-loop timeout")
         try:
             while True:
-                ev = self.step()
-                if ev is not None:
-                    return ev
-                if self.run.exit_reason == lib.KVM_EXIT_INTR or self.run.immediate_exit:
-                    now = time.monotonic()
-                    if now >= deadline:
-                        self.run.immediate_exit = 0
-                        return Timeout(self.vcpu.id, now - start, self.vcpu.get_regs().rip)
-                    self.run.immediate_exit = 0
+                # Python runs its signal handlers (SIGINT) when this call returns
+                r = lib.vmm_run_loop(loop)
+                if r == _LOOP_EXIT:
+                    reason = run.exit_reason
+                    handler = handlers.get(reason)
+                    ev = handler(reason) if handler else Unhandled(self.vcpu.id, reason)
+                    if ev is not None:
+                        return ev
+                elif r == _LOOP_TIMEOUT:
+                    return Timeout(self.vcpu.id, time.monotonic() - start, self.vcpu.get_regs().rip)
+                else:
+                    raise KvmError("KVM_RUN", -r)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0, 0)
-            lib.vmm_kick_target(ffi.NULL)
-            self.run.immediate_exit = 0
+            if timeout is not None:
+                lib.vmm_loop_disarm(loop)
+
+
+_LOOP_EXIT, _LOOP_TIMEOUT = lib.VMM_LOOP_EXIT, lib.VMM_LOOP_TIMEOUT
+
+
+def _ignore(reason):
+    return None
