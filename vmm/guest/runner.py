@@ -210,6 +210,19 @@ class Runner:
         loop.nports = len(wanted)
         loop.ports[0:len(wanted)] = wanted
         loop.in_port, loop.in_value = ports.COM1_LSR, ports.LSR_IDLE
+        self._in_raw = {}
+
+    def serve_port_in(self, port, fn):
+        """Let fn(kvm_run.io, data pointer) fill guest reads of `port`: all size * count bytes of a
+        string read (rep ins) at once. Its return value, an Event or None, is what the exit gives.
+        Raises ValueError when the C loop has no room for another port."""
+        loop = self._loop
+        if port not in loop.ports[0:loop.nports]:
+            if loop.nports >= len(loop.ports):
+                raise ValueError(f"the run loop hands at most {len(loop.ports)} ports to Python")
+            loop.ports[loop.nports] = port
+            loop.nports += 1
+        self._in_raw[port] = fn
 
     @property
     def exits(self):
@@ -223,6 +236,8 @@ class Runner:
             handler = self._out.get(loop.port)
             return handler() if handler else None  # writes to other ports are ignored
         data = ffi.cast("uint8_t *", self.run) + self.run.io.data_offset
+        if loop.port in self._in_raw:
+            return self._in_raw[loop.port](self.run.io, data)
         handler = self._in.get(loop.port)
         if handler is None:  # reads as all-ones, like an empty ISA bus
             n = loop.size * loop.count

@@ -19,16 +19,17 @@ never touched. Checks known to be dangerous on old kernels are skipped there, wi
 """
 
 # the check modules register their checks on import
-from . import amx, cpuid, msr, xsave  # noqa: F401
-from .core import (CHECKS, REPORT_ORDER, STATUSES, Context, ProbeError, check_names, get_check, kernel_version,
-                   xstate_bv)
+from . import amx, cpuid, io, msr, state, xsave  # noqa: F401
+from .core import (CHECKS, GROUPS, STATUSES, Context, ProbeError, check_names, get_check, kernel_version, select,
+                   sort_checks, xstate_bv)
 from .report import amx_from_checks, format_report, host_info, make_report
 from .run import run_check, run_checks
 from .schema import (SCHEMA_ID, SUPPORTED_KEYWORDS, ReportError, check_report, load_report, load_schema,
                      validate)
 
-CHECKS.sort(key=lambda c: REPORT_ORDER.index(c.name))
+sort_checks()
 
-__all__ = ["CHECKS", "STATUSES", "SUPPORTED_KEYWORDS", "Context", "ProbeError", "ReportError", "SCHEMA_ID", "amx_from_checks", "check_names",
-           "check_report", "format_report", "get_check", "host_info", "kernel_version", "load_report",
-           "load_schema", "make_report", "run_check", "run_checks", "validate", "xstate_bv"]
+__all__ = ["CHECKS", "GROUPS", "STATUSES", "SUPPORTED_KEYWORDS", "Context", "ProbeError", "ReportError",
+           "SCHEMA_ID", "amx_from_checks", "check_names", "check_report", "format_report", "get_check",
+           "host_info", "kernel_version", "load_report", "load_schema", "make_report", "run_check", "run_checks",
+           "select", "validate", "xstate_bv"]

@@ -2,13 +2,11 @@
 permission request; they run in fresh processes (see vmm.probe.run)."""
 
 from ..errors import KvmError
-from .core import (XTILE, XTILECFG, XTILEDATA, arch_prctl, attempt, check, hex_text, mask_text, observed_err,
-                   observed_ok, prctl_get, ProbeError, result, upstream)
+from .core import (XTILE, XTILECFG, XTILEDATA, arch_prctl, attempt, check, hex_text, mask_text, not_in_kernel,
+                   observed_err, observed_ok, prctl_get, ProbeError, result, upstream)
 
 
 # --- XSAVE permissions and KVM_CAP_XSAVE2 (fresh processes) -----------------------------------------
-
-
 def _cap_xsave2(ctx, where, after_request):
     from ..amx import ARCH_GET_XCOMP_GUEST_PERM
     if after_request:
@@ -29,10 +27,11 @@ def _cap_xsave2(ctx, where, after_request):
     exp = upstream(exp_text + ("" if not after_request else
                                " (grows to include XTILEDATA once the request is granted)"), exp_value)
     v = obs["value"]
+    if obs["ok"] and v == 0:
+        return not_in_kernel(ctx, "KVM_CAP_XSAVE2 and KVM_GET_XSAVE2 came in Linux 5.17; KVM_GET_XSAVE's "
+                             "4096 bytes is all there is")
     if not obs["ok"]:
         verdict = f"KVM_CHECK_EXTENSION failed: {obs['text']}"
-    elif v == 0:
-        verdict = "no KVM_CAP_XSAVE2 (kernel before 5.17): KVM_GET_XSAVE's 4096 bytes is all there is"
     elif v == exp_value:
         verdict = f"a guest's XSAVE area here is {v} bytes" + (
             ", the same as before the request (not granted)" if after_request and not req["ok"] else "")
@@ -42,27 +41,29 @@ def _cap_xsave2(ctx, where, after_request):
                   details={"guest_perm": hex_text(perm), "supported_xcr0": hex_text(ctx.xcr0)})
 
 
-@check("cap_xsave2_dev_kvm", "KVM_CAP_XSAVE2 on /dev/kvm, before any AMX permission request", "fresh")
+@check("cap_xsave2_dev_kvm", "KVM_CAP_XSAVE2 on /dev/kvm, before any AMX permission request",
+       "amx", process="fresh")
 def _c_cap_dev(ctx):
     ctx.require_fresh("cap_xsave2_dev_kvm")
     return _cap_xsave2(ctx, "dev", False)
 
 
-@check("cap_xsave2_vm_fd", "KVM_CAP_XSAVE2 on a VM fd, before any AMX permission request", "fresh")
+@check("cap_xsave2_vm_fd", "KVM_CAP_XSAVE2 on a VM fd, before any AMX permission request",
+       "amx", process="fresh")
 def _c_cap_vm(ctx):
     ctx.require_fresh("cap_xsave2_vm_fd")
     return _cap_xsave2(ctx, "vm", False)
 
 
 @check("cap_xsave2_dev_kvm_after_request", "KVM_CAP_XSAVE2 on /dev/kvm after an AMX permission request",
-       "after-request")
+       "amx", process="after-request")
 def _c_cap_dev_after(ctx):
     ctx.require_fresh("cap_xsave2_dev_kvm_after_request")
     return _cap_xsave2(ctx, "dev", True)
 
 
 @check("cap_xsave2_vm_fd_after_request", "KVM_CAP_XSAVE2 on a VM fd after an AMX permission request",
-       "after-request")
+       "amx", process="after-request")
 def _c_cap_vm_after(ctx):
     ctx.require_fresh("cap_xsave2_vm_fd_after_request")
     return _cap_xsave2(ctx, "vm", True)
@@ -73,6 +74,9 @@ def _xcomp_get(ctx, name, code_name):
     code = getattr(amx, code_name)
     guest = "GUEST" in code_name
     obs = attempt(lambda: prctl_get(code), mask_text)
+    if obs["errno_name"] == "EINVAL":
+        return not_in_kernel(ctx, f"arch_prctl({code_name}) came in Linux {'5.17' if guest else '5.16'} "
+                             "with the XSAVE permission interface (answered EINVAL)")
     if name == "xcomp_supp":
         exp = upstream("the XSAVE user features the kernel enables; KVM's supported XCR0 (here "
                        f"{mask_text(ctx.xcr0)}) is a subset of them")
@@ -107,18 +111,18 @@ def _xcomp_get(ctx, name, code_name):
     return result("a fresh process, no permission requested", f"arch_prctl({code_name})", obs, exp, verdict)
 
 
-@check("xcomp_supp", "XSAVE features the kernel supports for user space", "fresh")
+@check("xcomp_supp", "XSAVE features the kernel supports for user space", "amx", process="fresh")
 def _c_supp(ctx):
     return _xcomp_get(ctx, "xcomp_supp", "ARCH_GET_XCOMP_SUPP")
 
 
-@check("xcomp_perm", "XSAVE features this process may use", "fresh")
+@check("xcomp_perm", "XSAVE features this process may use", "amx", process="fresh")
 def _c_perm(ctx):
     ctx.require_fresh("xcomp_perm")
     return _xcomp_get(ctx, "xcomp_perm", "ARCH_GET_XCOMP_PERM")
 
 
-@check("xcomp_guest_perm", "XSAVE features this process's guests may use", "fresh")
+@check("xcomp_guest_perm", "XSAVE features this process's guests may use", "amx", process="fresh")
 def _c_guest_perm(ctx):
     ctx.require_fresh("xcomp_guest_perm")
     return _xcomp_get(ctx, "xcomp_guest_perm", "ARCH_GET_XCOMP_GUEST_PERM")
@@ -138,13 +142,15 @@ def _amx_expectation(ctx, late):
     return upstream("0: granted (the feature is supported and no vCPU exists yet)", 0)
 
 
-@check("req_xcomp_guest_perm", "ARCH_REQ_XCOMP_GUEST_PERM(18) before any vCPU", "after-request")
+@check("req_xcomp_guest_perm", "ARCH_REQ_XCOMP_GUEST_PERM(18) before any vCPU", "amx", process="after-request")
 def _c_req(ctx):
     from ..amx import ARCH_GET_XCOMP_GUEST_PERM
     ctx.require_fresh("req_xcomp_guest_perm")
     before = prctl_get(ARCH_GET_XCOMP_GUEST_PERM)
     first = ctx.requested is None
     obs = ctx.request_amx()
+    if obs["errno_name"] == "EINVAL":
+        return not_in_kernel(ctx, "ARCH_REQ_XCOMP_GUEST_PERM came in Linux 5.17 (answered EINVAL)")
     after = prctl_get(ARCH_GET_XCOMP_GUEST_PERM)
     exp = _amx_expectation(ctx, late=False)
     if obs["ok"]:
@@ -164,7 +170,7 @@ def _c_req(ctx):
 
 
 @check("set_cpuid2_xtiledata_without_perm", "KVM_SET_CPUID2 exposing XTILEDATA without the permission",
-       "fresh")
+       "amx", process="fresh")
 def _c_cpuid_xtile(ctx):
     from ..cpuid import SIGNIFICANT_INDEX, CpuidEntry
     ctx.require_fresh("set_cpuid2_xtiledata_without_perm")
@@ -186,6 +192,9 @@ def _c_cpuid_xtile(ctx):
         obs = attempt(lambda: v.set_cpuid2(table) or 0, lambda _: "0 (accepted)")
     exp = upstream("EPERM (since 5.17): a guest CPUID with a dynamically enabled feature needs "
                    "arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM) first", errno="EPERM")
+    if obs["ok"] and ctx.kver < (5, 17):
+        return not_in_kernel(ctx, "dynamically enabled XSAVE features and their guest permission came in "
+                             "Linux 5.17; KVM_SET_CPUID2 accepted the AMX CPUID")
     if obs["errno_name"] == "EPERM":
         verdict = "EPERM: exposing AMX to a guest needs the guest permission first"
     elif obs["ok"]:
@@ -198,7 +207,8 @@ def _c_cpuid_xtile(ctx):
                   "KVM_SET_CPUID2", obs, exp, verdict)
 
 
-@check("req_xcomp_guest_perm_after_vcpu", "ARCH_REQ_XCOMP_GUEST_PERM(18) after a vCPU exists", "fresh")
+@check("req_xcomp_guest_perm_after_vcpu", "ARCH_REQ_XCOMP_GUEST_PERM(18) after a vCPU exists",
+       "amx", process="fresh")
 def _c_req_late(ctx):
     from ..amx import ARCH_REQ_XCOMP_GUEST_PERM
     ctx.require_fresh("req_xcomp_guest_perm_after_vcpu")
@@ -209,6 +219,8 @@ def _c_req_late(ctx):
         ctx.vcpu(vm)
         r = arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, XTILEDATA)
         obs = observed_ok(0, "0 (granted)") if r == 0 else observed_err(-r)
+    if obs["errno_name"] == "EINVAL":
+        return not_in_kernel(ctx, "ARCH_REQ_XCOMP_GUEST_PERM came in Linux 5.17 (answered EINVAL)")
     exp = _amx_expectation(ctx, late=True)
     if obs["errno_name"] == "EBUSY":
         verdict = "EBUSY: the permission must be requested before the first vCPU"

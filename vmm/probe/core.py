@@ -1,11 +1,13 @@
 """What every probe check uses: the observation/result records, the process context (one /dev/kvm,
 what KVM supports, this process's XSAVE permission history) and the check registry."""
 
+import errno as _errno
 import os
 import re
 from dataclasses import dataclass
 
 from ..errors import KvmError, VmmError, errno_name
+from ..kvm import is_pvm
 
 STATUSES = ("as-upstream", "differs", "skipped", "error")
 
@@ -28,8 +30,6 @@ class ProbeError(VmmError):
 
 
 # --- small helpers ---------------------------------------------------------------------------------
-
-
 def kernel_version(release=None):
     """(major, minor, patch) of a kernel release string such as '6.18.44-fc-v657'."""
     release = os.uname().release if release is None else release
@@ -105,8 +105,6 @@ def prctl_get(code):
 
 
 # --- the context a process runs its checks in ------------------------------------------------------
-
-
 class Context:
     """One /dev/kvm, what KVM supports, and this process's XSAVE permission history."""
 
@@ -118,6 +116,8 @@ class Context:
         self.fresh = fresh  # started by `python -m vmm.probe --check`: permissions are the defaults
         self.kvm = Kvm(device)
         self.requested = None  # observation of ARCH_REQ_XCOMP_GUEST_PERM(18), once made here
+        self.pvm = is_pvm()
+        self._one_reg = None
         self._read_supported()
 
     def _read_supported(self):
@@ -128,6 +128,23 @@ class Context:
 
     def close(self):
         self.kvm.close()
+
+    def one_reg(self):
+        """Whether this kernel has x86 KVM_GET/SET_ONE_REG (Linux >= 6.18, 'KVM: x86: Add
+        KVM_{G,S}ET_ONE_REG support for MSRs'): asked once per process by reading EFER by id on a
+        scratch vCPU (an older kernel answers EINVAL, or ENOTTY without any ONE_REG)."""
+        if self._one_reg is None:
+            from ..regs import msr
+            with self.vm() as vm:
+                v = self.vcpu(vm)
+                try:
+                    v.get_one_reg(msr(EFER))
+                    self._one_reg = True
+                except KvmError as e:
+                    if e.errno not in (_errno.EINVAL, _errno.ENOTTY):
+                        raise
+                    self._one_reg = False
+        return self._one_reg
 
     @property
     def guest_cpuid(self):
@@ -176,42 +193,52 @@ class Context:
 
 
 # --- the check registry ----------------------------------------------------------------------------
+GROUPS = ("xsave", "amx", "cpuid", "msr", "state", "io")
+
+
 @dataclass
-
-
 class Check:
     name: str
     title: str
     fn: object
-    group: str = None  # None: in this process; else the name of the fresh process it runs in
+    group: str  # one of GROUPS: what the check is about (`vmm probe --group`)
+    process: str = None  # None: in this process; else the name of the fresh process it runs in
     min_kernel: tuple = None  # skipped on older kernels, with `danger` as the reason
     danger: str = None
+    selftest: str = None  # the Linux KVM selftest (tools/testing/selftests/kvm/x86/) it derives from
 
 
 CHECKS = []
 _BY_NAME = {}
 
 
-def check(name, title, group=None, min_kernel=None, danger=None):
+def check(name, title, group, process=None, min_kernel=None, danger=None, selftest=None):
+    if group not in GROUPS:
+        raise ValueError(f"check {name!r}: unknown group {group!r}")
+
     def deco(fn):
-        c = Check(name, title, fn, group, min_kernel, danger)
+        c = Check(name, title, fn, group, process, min_kernel, danger, selftest)
         CHECKS.append(c)
         _BY_NAME[name] = c
         return fn
     return deco
 
 
-# The order of the report (and of the checks inside each fresh process): permissions before the request,
-# the request, what it changed, then the checks that need no permission.
+# Inside a group, these come first in this order (and so run in this order in their fresh process):
+# permissions before the request, the request, what it changed. Other checks follow in the order
+# their modules register them.
 REPORT_ORDER = (
     "xcomp_supp", "xcomp_perm", "xcomp_guest_perm", "cap_xsave2_dev_kvm", "cap_xsave2_vm_fd",
     "req_xcomp_guest_perm", "cap_xsave2_dev_kvm_after_request", "cap_xsave2_vm_fd_after_request",
     "set_cpuid2_xtiledata_without_perm", "req_xcomp_guest_perm_after_vcpu",
-    "get_xsave_sizes", "set_xsave_after_narrow_cpuid", "get_xsave_trims_to_guest_xcr0",
-    "set_xsave_xcomp_bv", "set_xsave_reserved_header", "set_xsave_unpermitted_component",
-    "one_reg_efer", "reg_list", "guest_ssp", "guest_beyond_xcr0", "get_cpuid2_matches_set",
-    "msr_index_list",
 )
+
+
+def sort_checks():
+    """Put CHECKS in report order: by group, then REPORT_ORDER, then registration."""
+    first = {n: i for i, n in enumerate(REPORT_ORDER)}
+    reg = {c.name: i for i, c in enumerate(CHECKS)}
+    CHECKS.sort(key=lambda c: (GROUPS.index(c.group), first.get(c.name, len(first)), reg[c.name]))
 
 
 def check_names():
@@ -222,7 +249,33 @@ def get_check(name):
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise ProbeError(f"unknown check {name!r}; checks: {', '.join(check_names())}") from None
+        raise ProbeError(f"unknown check {name!r}; `vmm probe --list` lists them") from None
+
+
+def select(names=None, groups=None):
+    """The checks named or in the groups named (all when neither is given), in report order;
+    raises ProbeError for an unknown name or group."""
+    for g in groups or ():
+        if g not in GROUPS:
+            raise ProbeError(f"unknown group {g!r}; groups: {', '.join(GROUPS)}")
+    wanted = {get_check(n).name for n in names or ()}
+    if not names and not groups:
+        return list(CHECKS)
+    return [c for c in CHECKS if c.name in wanted or c.group in (groups or ())]
+
+
+SET_XSAVE_FIX = ("KVM_SET_XSAVE checks XSTATE_BV against the features the process may use, not the guest "
+                 "CPUID, since Linux 6.6 and 6.1.60 ('KVM: x86: Constrain guest-supported xfeatures only at "
+                 "KVM_GET_XSAVE{2}')")
+
+
+def has_set_xsave_fix(kver):
+    """Whether a kernel of version `kver` has the SET_XSAVE-after-narrower-SET_CPUID2 fix."""
+    return kver >= (6, 6) or (6, 1, 60) <= kver < (6, 2)
+
+
+ONE_REG_WHAT = ("x86 KVM_GET/SET_ONE_REG and KVM_GET_REG_LIST came in Linux 6.18; older kernels "
+                "read and write MSRs with KVM_GET/SET_MSRS only")
 
 
 # Kernels known to misbehave on what some checks do (skipped there, with this reason).
@@ -240,9 +293,22 @@ def skip(reason):
     return {"skip": reason}
 
 
+def not_in_kernel(ctx, what):
+    """A skip for a check whose subject this kernel does not have: `what` names the feature and the
+    kernel that brought it."""
+    return skip(f"not in this kernel (Linux {version_text(ctx.kver)}): {what}")
+
+
+PVM_REASON = ("this /dev/kvm is PVM (kvm_pvm): a paravirtualized KVM that runs guests without VMX/SVM, "
+              "emulates guest CPL0 code and holds its own view of the guest CPUID")
+
+
+def pvm_note(ctx):
+    """The reason to add to a verdict that differs from upstream, when PVM explains it."""
+    return f" ({PVM_REASON})" if ctx.pvm else ""
+
+
 # --- XSAVE buffers (this process) ------------------------------------------------------------------
-
-
 def raw_set_xsave(vcpu, raw):
     """KVM_SET_XSAVE with exactly these bytes: no validation on the Python side."""
     from .._bindings import ffi, ioctl

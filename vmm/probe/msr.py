@@ -1,16 +1,17 @@
 """Probe checks on registers: x86 ONE_REG, KVM_GET_REG_LIST, GUEST_SSP and the MSR index list."""
 
 from ..errors import KvmError
-from .core import EFER, EFER_NXE, EFER_SCE, attempt, check, hex_text, observed_ok, result, upstream
+from .core import (EFER, EFER_NXE, EFER_SCE, ONE_REG_WHAT, attempt, check, hex_text, not_in_kernel,
+                   observed_ok, result, upstream)
 
 
 # --- registers --------------------------------------------------------------------------------------
-
-
-@check("one_reg_efer", "x86 KVM_GET_ONE_REG of an MSR by id (EFER)")
+@check("one_reg_efer", "x86 KVM_GET_ONE_REG of an MSR by id (EFER)", "msr")
 def _c_one_reg(ctx):
     from ..regs import msr
     one_reg = ctx.kvm.check_extension("KVM_CAP_ONE_REG")
+    if not ctx.one_reg():
+        return not_in_kernel(ctx, ONE_REG_WHAT)
     with ctx.vm() as vm:
         v = ctx.vcpu(vm)
         want = EFER_SCE | (EFER_NXE if ctx.guest_cpuid.has("NX") else 0)
@@ -38,9 +39,11 @@ def _c_one_reg(ctx):
                   details={"cap_one_reg": one_reg, "set_one_reg_works": set_back})
 
 
-@check("reg_list", "x86 KVM_GET_REG_LIST")
+@check("reg_list", "x86 KVM_GET_REG_LIST", "msr")
 def _c_reg_list(ctx):
     from .._bindings import ffi, ioctl
+    if not ctx.one_reg():
+        return not_in_kernel(ctx, ONE_REG_WHAT)
     with ctx.vm() as vm:
         v = ctx.vcpu(vm)
         shstk = ctx.guest_cpuid.has("SHSTK")
@@ -64,9 +67,11 @@ def _c_reg_list(ctx):
                   "KVM_GET_REG_LIST with n = 0", obs, exp, verdict)
 
 
-@check("guest_ssp", "KVM_GET_ONE_REG(GUEST_SSP) without shadow stacks")
+@check("guest_ssp", "KVM_GET_ONE_REG(GUEST_SSP) without shadow stacks", "msr")
 def _c_ssp(ctx):
     from ..regs import KVM_REG_GUEST_SSP, kvm_reg
+    if not ctx.one_reg():  # EINVAL there says nothing about GUEST_SSP
+        return not_in_kernel(ctx, ONE_REG_WHAT)
     cpuid = ctx.guest_cpuid
     cpuid.set_feature("SHSTK", False)
     with ctx.vm() as vm:
@@ -79,7 +84,7 @@ def _c_ssp(ctx):
                   "KVM_GET_ONE_REG(KVM_X86_REG_KVM(KVM_REG_GUEST_SSP))", obs, exp, verdict)
 
 
-@check("msr_index_list", "KVM_GET_MSR_INDEX_LIST, and which of its MSRs read back")
+@check("msr_index_list", "KVM_GET_MSR_INDEX_LIST, and which of its MSRs read back", "msr")
 def _c_msrs(ctx):
     from ..regs import _MSR_NAME_BY_INDEX
     indices = ctx.kvm.get_msr_index_list()

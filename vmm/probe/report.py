@@ -9,8 +9,6 @@ from .schema import SCHEMA_ID, load_schema, validate
 
 
 # --- the report ------------------------------------------------------------------------------------
-
-
 def host_info(device="/dev/kvm"):
     """The host fingerprint (as snapshots record it) plus what compat needs to judge a destination."""
     from .. import amx

@@ -8,14 +8,17 @@ import sys
 import time
 from pathlib import Path
 
-from .core import CHECKS, CHILD_TIMEOUT, Context, get_check, ProbeError, skip, upstream, version_text
+from .core import CHILD_TIMEOUT, Context, ProbeError, select, skip, upstream, version_text
 
 
 # --- running checks --------------------------------------------------------------------------------
+def _base(c):
+    return {"name": c.name, "title": c.title, "group": c.group, "selftest": c.selftest,
+            "process": c.process or "probe"}
 
 
 def _finish(c, out, seconds):
-    base = {"name": c.name, "title": c.title, "process": c.group or "probe"}
+    base = _base(c)
     if "skip" in out:
         return {**base, "setup": "-", "call": "-",
                 "observed": {"ok": False, "value": None, "errno": None, "errno_name": None,
@@ -26,7 +29,7 @@ def _finish(c, out, seconds):
 
 
 def _error_result(c, message, seconds=0.0):
-    return {"name": c.name, "title": c.title, "process": c.group or "probe", "setup": "-", "call": "-",
+    return {**_base(c), "setup": "-", "call": "-",
             "observed": {"ok": False, "value": None, "errno": None, "errno_name": None, "text": message},
             "upstream": upstream("-"), "status": "error", "verdict": f"the check did not complete: {message}",
             "details": {}, "seconds": round(seconds, 4)}
@@ -63,11 +66,11 @@ def _child_env():
     return env
 
 
-def _start_groups(checks, device, kernel):
+def _start_processes(checks, device, kernel):
     groups = {}
     for c in checks:
-        if c.group:
-            groups.setdefault(c.group, []).append(c)
+        if c.process:
+            groups.setdefault(c.process, []).append(c)
     procs = []
     for group, members in groups.items():
         p = subprocess.Popen(_child_cmd([c.name for c in members], device, kernel), stdout=subprocess.PIPE,
@@ -104,16 +107,17 @@ def _collect(procs):
     return out
 
 
-def run_checks(device="/dev/kvm", names=None, kernel=None):
-    """Run the named checks (default: all) and return their results in registry order. Checks with a
-    group run in fresh processes, in parallel with the others. `kernel` pretends another kernel
-    release for the skip rules (a testing aid)."""
-    wanted = [get_check(n) for n in names] if names else list(CHECKS)
-    order = [c.name for c in CHECKS if c in wanted]
-    procs = _start_groups(wanted, device, kernel)
+def run_checks(device="/dev/kvm", names=None, kernel=None, groups=None):
+    """Run the named checks and those of the named groups (default: all) and return their results in
+    report order. Checks with a process run in fresh processes, in parallel with the others.
+    `kernel` pretends another kernel release for the skip rules (a testing aid). Raises ProbeError
+    for an unknown check or group."""
+    wanted = select(names, groups)
+    order = [c.name for c in wanted]
+    procs = _start_processes(wanted, device, kernel)
     results = {}
     try:
-        local = [c for c in wanted if not c.group]
+        local = [c for c in wanted if not c.process]
         if local:
             ctx = Context(device, kernel=kernel)
             try:

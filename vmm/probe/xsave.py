@@ -1,15 +1,14 @@
 """Probe checks on XSAVE buffers: KVM_GET_XSAVE{,2} sizes, KVM_SET_XSAVE validation and trimming,
 and guest code beyond its XCR0."""
 
-import errno as _errno
 from ..errors import errno_name, KvmError
-from .core import (AVX512_STATE, AVX_FAMILY, GUEST_TIMEOUT, LEGACY_XSAVE, SENTINEL, X87_SSE,
-                   XCR0_LEAK_DANGER, XCR0_LEAK_FIX, XSAVES_HOST_DANGER, XSAVES_HOST_FIX, XTILEDATA, attempt,
-                   check, hex_text, mask_text, observed_err, observed_ok, raw_set_xsave, result, skip,
-                   upstream, xstate_bv)
+from .core import (AVX512_STATE, AVX_FAMILY, GUEST_TIMEOUT, LEGACY_XSAVE, SENTINEL, SET_XSAVE_FIX, X87_SSE,
+                   XCR0_LEAK_DANGER, XCR0_LEAK_FIX, XSAVES_HOST_DANGER, XSAVES_HOST_FIX, XTILE, XTILEDATA,
+                   attempt, check, has_set_xsave_fix, hex_text, mask_text, not_in_kernel, observed_ok,
+                   pvm_note, raw_set_xsave, result, skip, upstream, xstate_bv)
 
 
-@check("get_xsave_sizes", "KVM_GET_XSAVE and KVM_GET_XSAVE2 sizes")
+@check("get_xsave_sizes", "KVM_GET_XSAVE and KVM_GET_XSAVE2 sizes", "xsave")
 def _c_sizes(ctx):
     from .._bindings import ffi, ioctl
     with ctx.vm() as vm:
@@ -18,10 +17,8 @@ def _c_sizes(ctx):
         legacy = ffi.new("struct kvm_xsave *")
         obs_legacy = attempt(lambda: ioctl(v.fd, "KVM_GET_XSAVE", legacy))
         if not cap:
-            obs = observed_err(_errno.ENOTTY, "no KVM_CAP_XSAVE2: KVM_GET_XSAVE2 absent")
-            return result("VM and vCPU with the default guest CPUID", "KVM_GET_XSAVE2", obs,
-                          upstream("KVM_GET_XSAVE2 fills KVM_CAP_XSAVE2 bytes (since 5.17)"),
-                          "no KVM_GET_XSAVE2 on this kernel; KVM_GET_XSAVE gives 4096 bytes", status="differs")
+            return not_in_kernel(ctx, "KVM_GET_XSAVE2 (KVM_CAP_XSAVE2) came in Linux 5.17; KVM_GET_XSAVE gives "
+                                 "4096 bytes")
         buf = ffi.new("char[]", cap + LEGACY_XSAVE)  # exactly this size (a bytes initializer adds a NUL)
         ffi.buffer(buf)[:] = bytes([SENTINEL]) * (cap + LEGACY_XSAVE)
         ioctl(v.fd, "KVM_GET_XSAVE2", buf)
@@ -79,7 +76,7 @@ def _narrow_vcpu(ctx, vm, narrow, extra):
 
 
 @check("set_xsave_after_narrow_cpuid", "KVM_SET_XSAVE with host features after a narrower KVM_SET_CPUID2",
-       min_kernel=XSAVES_HOST_FIX, danger=XSAVES_HOST_DANGER)
+       "xsave", min_kernel=XSAVES_HOST_FIX, danger=XSAVES_HOST_DANGER)
 def _c_set_narrow(ctx):
     setup = _narrow_setup(ctx)
     if setup is None:
@@ -94,8 +91,11 @@ def _c_set_narrow(ctx):
     if obs["ok"]:
         verdict = (f"accepted: a state with {mask_text(extra)} restores after a guest CPUID limited to "
                    f"XCR0 {hex_text(narrow)}")
+    elif obs["errno_name"] == "EINVAL" and not has_set_xsave_fix(ctx.kver):
+        return not_in_kernel(ctx, f"{SET_XSAVE_FIX}; this kernel answered EINVAL, as 5.17 to 6.5 do: set a guest "
+                             "CPUID that covers every XSTATE_BV bit of the state before KVM_SET_XSAVE")
     elif obs["errno_name"] == "EINVAL":
-        verdict = ("EINVAL, as 5.17 to 6.5 do: set a guest CPUID that covers every XSTATE_BV bit of the "
+        verdict = ("EINVAL, as 5.17 to 6.5 did: set a guest CPUID that covers every XSTATE_BV bit of the "
                    "state before KVM_SET_XSAVE, or strip those bits")
     else:
         verdict = f"refused with {obs['text']}"
@@ -107,7 +107,7 @@ def _c_set_narrow(ctx):
 
 
 @check("get_xsave_trims_to_guest_xcr0", "KVM_GET_XSAVE2 limits XSTATE_BV to the guest's XCR0 | FP | SSE",
-       min_kernel=XSAVES_HOST_FIX, danger=XSAVES_HOST_DANGER)
+       "xsave", min_kernel=XSAVES_HOST_FIX, danger=XSAVES_HOST_DANGER)
 def _c_trim(ctx):
     setup = _narrow_setup(ctx)
     if setup is None:
@@ -135,8 +135,7 @@ def _c_trim(ctx):
     elif held != narrow:
         verdict = (f"not trimmed: {mask_text(beyond)} still in XSTATE_BV; KVM_GET_CPUID2 shows CPUID.(0DH,0) "
                    f"XCR0 {hex_text(held)} where {hex_text(narrow)} was set: this KVM widened the guest CPUID, "
-                   "so its "
-                   "guest-supported XCR0 is the host's")
+                   "so its guest-supported XCR0 is the host's" + pvm_note(ctx))
         status = "differs"
     else:
         verdict = f"not trimmed: {mask_text(beyond)} beyond the guest XCR0 come back from KVM_GET_XSAVE2"
@@ -169,7 +168,7 @@ def _bad_buffer(ctx, what, edit, why):
 
 
 @check("set_xsave_xcomp_bv", "KVM_SET_XSAVE with XCOMP_BV set (compacted format)",
-       min_kernel=XSAVES_HOST_FIX, danger=XSAVES_HOST_DANGER)
+       "xsave", min_kernel=XSAVES_HOST_FIX, danger=XSAVES_HOST_DANGER)
 def _c_xcomp(ctx):
     def edit(b):
         b[520:528] = ((1 << 63) | xstate_bv(b)).to_bytes(8, "little")
@@ -178,7 +177,7 @@ def _c_xcomp(ctx):
 
 
 @check("set_xsave_reserved_header", "KVM_SET_XSAVE with a reserved XSAVE header byte set",
-       min_kernel=XSAVES_HOST_FIX, danger=XSAVES_HOST_DANGER)
+       "xsave", min_kernel=XSAVES_HOST_FIX, danger=XSAVES_HOST_DANGER)
 def _c_reserved(ctx):
     def edit(b):
         b[540] = 0x01
@@ -187,7 +186,7 @@ def _c_reserved(ctx):
 
 
 @check("set_xsave_unpermitted_component", "KVM_SET_XSAVE with XTILEDATA in XSTATE_BV, not permitted",
-       min_kernel=XSAVES_HOST_FIX, danger=XSAVES_HOST_DANGER)
+       "xsave", min_kernel=XSAVES_HOST_FIX, danger=XSAVES_HOST_DANGER)
 def _c_unpermitted(ctx):
     def edit(b):
         b[512:520] = (xstate_bv(b) | 1 << XTILEDATA).to_bytes(8, "little")
@@ -197,10 +196,8 @@ def _c_unpermitted(ctx):
 
 
 # --- guest execution and CPUID ------------------------------------------------------------------------
-
-
 @check("guest_beyond_xcr0", "guest CPL3 code executing AVX-512 with XCR0 = x87|SSE|AVX",
-       min_kernel=XCR0_LEAK_FIX, danger=XCR0_LEAK_DANGER)
+       "xsave", min_kernel=XCR0_LEAK_FIX, danger=XCR0_LEAK_DANGER)
 def _c_beyond(ctx):
     from ..errors import GuestError
     from ..guest.machine import Machine
@@ -220,7 +217,8 @@ def _c_beyond(ctx):
     if isinstance(ev, Sync):
         obs = observed_ok("sync", f"SYNC {ev.value:#x}: AVX-512 executed; XSTATE_BV then {mask_text(bv)}")
         verdict = (f"guest XCR0 {hex_text(xcr0)} is not enforced for CPL3 code: the guest used opmask/ZMM "
-                   "state, and its saved XSTATE_BV carries it (a restore target needs those components too)")
+                   "state, and its saved XSTATE_BV carries it (a restore target needs those components too)"
+                   + pvm_note(ctx))
     elif isinstance(ev, Fault):
         obs = observed_ok(ev.name, f"{ev} (XSTATE_BV {mask_text(bv)})")
         verdict = ("#UD: guest XCR0 is enforced" if ev.name == "#UD" else
@@ -232,3 +230,137 @@ def _c_beyond(ctx):
     return result("the avx512 guest at CPL3 with its guest CPUID and XCR0 limited to 0x7 (x87 SSE AVX)",
                   "KVM_RUN", obs, exp, verdict,
                   details={"guest_xcr0": hex_text(xcr0), "xstate_bv": hex_text(bv), "cpuid2_xcr0": hex_text(held)})
+
+
+# --- XCR0 rules (xcr0_cpuid_test) --------------------------------------------------------------------
+XCR0_RULES = (  # (features, what they need, all-or-none); SDM Vol. 1, 13.3 "Enabling the XSAVE feature set"
+    ("AVX (YMM) needs SSE", 1 << 2, 1 << 1, False),
+    ("MPX BNDREGS and BNDCSR together", (1 << 3) | (1 << 4), 0, True),
+    ("AVX-512 needs SSE and AVX", AVX512_STATE, (1 << 1) | (1 << 2), False),
+    ("AVX-512 opmask, ZMM_Hi256 and Hi16_ZMM together", AVX512_STATE, 0, True),
+    ("AMX XTILECFG and XTILEDATA together", XTILE, 0, True),
+)
+
+
+@check("supported_xcr0_dependencies", "the supported XCR0 of KVM_GET_SUPPORTED_CPUID keeps XSAVE's bundles",
+       "xsave", selftest="xcr0_cpuid_test")
+def _c_xcr0_rules(ctx):
+    xcr0 = ctx.xcr0
+    broken = []
+    if xcr0 and not xcr0 & 1:
+        broken.append("x87 (bit 0) is always enabled")
+    for text, features, needs, bundle in XCR0_RULES:
+        have = xcr0 & (features | needs)
+        if bundle and have & features not in (0, features):
+            broken.append(f"{text}: has {mask_text(have & features)}")
+        elif not bundle and have & features == features and have != features | needs:
+            broken.append(f"{text}: has {mask_text(have)}")
+    obs = observed_ok(broken, f"supported XCR0 {mask_text(xcr0)}; " + (
+        "every rule holds" if not broken else "broken: " + "; ".join(broken)))
+    exp = upstream("a supported XCR0 XSETBV accepts as is: " + "; ".join(r[0] for r in XCR0_RULES), [])
+    verdict = ("KVM's supported XCR0 can be loaded as it is" if not broken else
+               f"KVM's supported XCR0 breaks {len(broken)} of XSAVE's dependency rules: XSETBV of it would #GP")
+    return result("KVM_GET_SUPPORTED_CPUID (in this process: no AMX permission requested)",
+                  "CPUID.(0DH,0).EDX:EAX of it", obs, exp, verdict,
+                  status="as-upstream" if not broken else "differs")
+
+
+def _xcr0_machine(ctx):
+    from ..guest.machine import Machine
+    return Machine("xcr0", kvm=ctx.kvm, cpuid=ctx.guest_cpuid)
+
+
+@check("guest_initial_xcr0", "the guest's XCR0 after KVM_SET_CPUID2 and KVM_SET_XCRS of the supported XCR0",
+       "xsave", selftest="xcr0_cpuid_test")
+def _c_initial_xcr0(ctx):
+    from ..errors import GuestError
+    from ..guest.runner import Sync
+    want = ctx.guest_cpuid.xcr0_supported()
+    if not ctx.guest_cpuid.has("XSAVE"):
+        return skip("the guest CPUID has no XSAVE: there is no XCR0 to read")
+    try:
+        m = _xcr0_machine(ctx)
+    except GuestError as e:
+        return skip(f"the xcr0 guest is not available: {e}")
+    with m:
+        held = m.vcpu.get_xcrs().get(0)
+        ev = m.run(timeout=GUEST_TIMEOUT)
+    seen = ev.value if isinstance(ev, Sync) else None
+    obs = observed_ok(seen, f"XGETBV(0)[31:0] at CPL3 = {mask_text(seen)}; KVM_GET_XCRS XCR0 = {mask_text(held)}"
+                      if seen is not None else f"the guest ended with '{ev}' before its first SYNC")
+    exp = upstream(f"{mask_text(want & 0xFFFFFFFF)}: the guest reads the XCR0 it was given, the guest CPUID's "
+                   "supported XCR0", want & 0xFFFFFFFF)
+    if seen == want & 0xFFFFFFFF:
+        verdict = "the guest starts with the XCR0 it was given"
+    elif seen is None:
+        verdict = f"the xcr0 guest did not reach its first SYNC: {ev}"
+    else:
+        verdict = (f"the guest reads XCR0 {mask_text(seen)} where KVM holds {mask_text(held)}: XCR0 at CPL3 is "
+                   "not the guest's" + pvm_note(ctx))
+    return result(f"the xcr0 guest at CPL3; KVM_SET_CPUID2 with the default guest CPUID, KVM_SET_XCRS XCR0 = "
+                  f"{hex_text(want)}", "KVM_RUN to the first SYNC (XGETBV(0) at CPL3)", obs, exp, verdict,
+                  details={"xcr0_held": hex_text(held) if held is not None else None})
+
+
+@check("xsetbv_unsupported_gp", "XSETBV of each XCR0 bit the guest CPUID lacks raises #GP", "xsave",
+       selftest="xcr0_cpuid_test")
+def _c_xsetbv_gp(ctx):
+    from ..errors import GuestError
+    from ..guest.runner import Fault, InternalError, Sync
+    guest_xcr0 = ctx.guest_cpuid.xcr0_supported()
+    if not ctx.guest_cpuid.has("XSAVE"):
+        return skip("the guest CPUID has no XSAVE: XSETBV is #UD there")
+    values = [("x87 only", 1), ("the supported XCR0", guest_xcr0)]
+    values += [(f"+ bit {i}", guest_xcr0 | 1 << i) for i in range(64) if not guest_xcr0 >> i & 1]
+    answers = {}
+    stopped = None
+    try:
+        m = _xcr0_machine(ctx)
+    except GuestError as e:
+        return skip(f"the xcr0 guest is not available: {e}")
+    with m:
+        ev = m.run(timeout=GUEST_TIMEOUT)  # the initial-XCR0 SYNC
+        for label, value in values:
+            ev = m.run(timeout=GUEST_TIMEOUT)
+            if not (isinstance(ev, Sync) and ev.value == 0x100):
+                stopped = str(ev)
+                break
+            regs = m.vcpu.get_regs()
+            regs.rbx = value
+            m.vcpu.set_regs(regs)
+            ev = m.run(timeout=GUEST_TIMEOUT)
+            if isinstance(ev, Fault):
+                answers[label] = ev.name
+                rsp = m.vcpu.get_regs().rsp  # the runtime's exception frame: vector, error, RIP, ...
+                rip = int.from_bytes(m.vm.read(rsp + 16, 8), "little")
+                m.vm.write(rsp + 16, (rip + 3).to_bytes(8, "little"))  # past the 3-byte XSETBV
+                ev = m.run(timeout=GUEST_TIMEOUT)
+                if not isinstance(ev, Sync):
+                    stopped = str(ev)
+                    break
+            elif isinstance(ev, Sync):
+                answers[label] = "0"
+            else:
+                answers[label] = str(ev)
+                stopped = str(ev)
+                break
+    want = {label: ("0" if i < 2 else "#GP") for i, (label, _) in enumerate(values)}
+    bad = [k for k in want if answers.get(k) != want[k]]
+    gp = sum(1 for k, a in answers.items() if a == "#GP")
+    obs = observed_ok(answers, f"x87 only: {answers.get('x87 only', '-')}; supported: "
+                      f"{answers.get('the supported XCR0', '-')}; #GP for {gp} of {len(values) - 2} unsupported "
+                      "bits"
+                      + (f"; stopped: {stopped}" if stopped else ""))
+    exp = upstream("XSETBV(0, 1) and XSETBV(0, supported XCR0) succeed; XSETBV of the supported XCR0 plus any "
+                   "other bit raises #GP", want)
+    if not bad:
+        verdict = f"XSETBV enforces the guest CPUID's XCR0 {mask_text(guest_xcr0)}"
+    elif stopped and isinstance(ev, InternalError):
+        verdict = (f"XSETBV in the CPL0 runtime service ended in KVM_EXIT_INTERNAL_ERROR ({ev}): this KVM cannot "
+                   "run XSETBV at guest CPL0" + pvm_note(ctx))
+    else:
+        verdict = f"{len(bad)} of {len(values)} XSETBV answers differ: {', '.join(bad[:6])}" + pvm_note(ctx)
+    return result("the xcr0 guest: XSETBV(0, value) through its CPL0 runtime service for each value, a #GP "
+                  "reported and skipped", "KVM_RUN per value", obs, exp, verdict,
+                  status="as-upstream" if not bad else "differs",
+                  details={"guest_xcr0": hex_text(guest_xcr0), "stopped": stopped})

@@ -1,0 +1,1 @@
+"""Probe checks on save/restore of vCPU state (state_test, amx_test)."""
