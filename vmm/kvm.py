@@ -137,6 +137,17 @@ class Kvm:
     def get_msr_feature_index_list(self):
         return self._msr_list("KVM_GET_MSR_FEATURE_INDEX_LIST")
 
+    def get_feature_msrs(self, indices):
+        """KVM_GET_MSRS on /dev/kvm (KVM_CAP_GET_MSR_FEATURES, Linux 4.17): {index: the features KVM
+        supports in that feature MSR}. Raises KvmError naming the first MSR KVM would not read."""
+        indices = list(indices)
+        c = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": [{"index": i} for i in indices]})
+        n = ioctl(self.fd, "KVM_GET_MSRS", c)
+        if n < len(indices):
+            raise KvmError("KVM_GET_MSRS", errno.EINVAL, detail=f"feature MSR 0x{indices[n]:x}",
+                           hint=f"/dev/kvm read {n} of {len(indices)} feature MSRs, stopped at 0x{indices[n]:x}")
+        return {e.index: e.data for e in c.entries[0:n]}
+
     def create_vm(self, **kw):
         from .vm import Vm
         return Vm(self, ioctl(self.fd, "KVM_CREATE_VM", 0), **kw)

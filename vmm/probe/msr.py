@@ -1,8 +1,8 @@
 """Probe checks on registers: x86 ONE_REG, KVM_GET_REG_LIST, GUEST_SSP and the MSR index list."""
 
-from ..errors import KvmError
+from ..errors import KvmError, errno_name
 from .core import (EFER, EFER_NXE, EFER_SCE, ONE_REG_WHAT, attempt, check, hex_text, not_in_kernel,
-                   observed_ok, result, upstream)
+                   observed_err, observed_ok, pvm_note, result, skip, upstream)
 
 
 # --- registers --------------------------------------------------------------------------------------
@@ -112,3 +112,196 @@ def _c_msrs(ctx):
     return result("VM and vCPU with the default guest CPUID", "KVM_GET_MSR_INDEX_LIST, then KVM_GET_MSRS "
                   "of each MSR on its own", obs, exp, verdict,
                   details={"msrs": rows, "feature_msrs": [hex_text(i) for i in features]})
+
+
+# --- selftest-derived MSR checks -----------------------------------------------------------------------
+IA32_XSS = 0xDA0
+MSR_K7_HWCR = 0xC0010015
+HWCR_IGNORED = (1 << 3) | (1 << 6) | (1 << 8)  # accepted, read back as 0 (hwcr_msr_test)
+HWCR_VALID = (1 << 18) | (1 << 24)  # McStatusWrEn, CpbDis: kept
+IA32_UCODE_REV, MSR_AMD64_DE_CFG = 0x8B, 0xC0011029
+VMX_KVM_CONTROLLED = {0x487, 0x489}  # IA32_VMX_CR0_FIXED1, IA32_VMX_CR4_FIXED1: any value is legal
+VMX_HIDDEN = {0x481, 0x482, 0x483, 0x484}  # settable only through their TRUE_* variants
+NON_CANONICAL = 1 << 56  # non-canonical for 48- and 57-bit linear addresses
+
+
+@check("xss_reset_and_save_list", "IA32_XSS resets to 0; any settable bit puts it in the MSR save list", "msr",
+       selftest="xss_msr_test")
+def _c_xss(ctx):
+    if not ctx.supported.has("XSAVES"):
+        return skip("KVM_GET_SUPPORTED_CPUID has no XSAVES (CPUID.(0DH,1).EAX[3]): the guest has no IA32_XSS")
+    listed = IA32_XSS in ctx.kvm.get_msr_index_list()
+    with ctx.vm() as vm:
+        v = ctx.vcpu(vm)
+        reset = attempt(lambda: v.get_msrs([IA32_XSS])[IA32_XSS], hex_text)
+        settable = []
+        for i in range(64):
+            try:
+                v.set_msrs({IA32_XSS: 1 << i})
+                settable.append(i)
+            except KvmError:
+                pass
+    ok = reset["ok"] and reset["value"] == 0 and (listed or not settable)
+    obs = observed_ok({"reset": reset["value"], "settable_bits": settable, "in_save_list": listed},
+                      f"reset {reset['text']}; settable bits {settable or 'none'}; "
+                      f"{'in' if listed else 'not in'} KVM_GET_MSR_INDEX_LIST")
+    exp = upstream("0 after reset; if any bit can be set, IA32_XSS is in KVM_GET_MSR_INDEX_LIST (a state "
+                   "that cannot be saved must not be settable)", {"reset": 0})
+    what = f"its settable bits {settable} are saved" if settable else "no bit of it can be set"
+    verdict = (f"IA32_XSS starts at 0 and {what}" if ok else
+               "IA32_XSS " + ("does not reset to 0" if reset["value"] != 0 else
+                              f"takes bits {settable} but is not in the MSR save list"))
+    return result("VM and vCPU with the default guest CPUID", "KVM_GET_MSRS IA32_XSS, then KVM_SET_MSRS IA32_XSS "
+                  "= 1 << i for i in 0..63", obs, exp, verdict, status="as-upstream" if ok else "differs")
+
+
+@check("feature_msrs_reset", "each feature MSR of a new vCPU holds what /dev/kvm supports", "msr",
+       selftest="feature_msrs_test")
+def _c_feature_msrs(ctx):
+    if not ctx.kvm.check_extension("KVM_CAP_GET_MSR_FEATURES"):
+        return not_in_kernel(ctx, "KVM_CAP_GET_MSR_FEATURES came in Linux 4.17")
+    indices = ctx.kvm.get_msr_feature_index_list()
+    supported = ctx.kvm.get_feature_msrs(indices)
+    vendor = ctx.supported.vendor or ""
+    rows, bad = [], []
+    with ctx.vm() as vm:
+        v = ctx.vcpu(vm)
+        for i in indices:
+            if i in VMX_KVM_CONTROLLED:
+                continue
+            want = supported[i] if i != MSR_AMD64_DE_CFG else 0  # DE_CFG is not quirked: starts at 0
+            if i == IA32_UCODE_REV:  # KVM's arbitrary reset revision, not the host's
+                want = 0x100000000 if "Intel" in vendor else 0x01000065
+            got = attempt(lambda: v.get_msrs([i])[i], hex_text)
+            settable = None
+            if i not in VMX_HIDDEN:
+                try:
+                    v.set_msrs({i: supported[i]})
+                    settable = True
+                except KvmError:
+                    settable = False
+            row = {"index": hex_text(i), "supported": hex_text(supported[i]), "reset": got["text"],
+                   "expected": hex_text(want), "set_supported": settable}
+            rows.append(row)
+            if not got["ok"] or got["value"] != want or settable is False:
+                bad.append(row)
+    obs = observed_ok(len(bad), f"{len(rows)} feature MSRs: " + ("all as expected" if not bad else "; ".join(
+        f"{r['index']} reset {r['reset']} (want {r['expected']}), set {r['set_supported']}" for r in bad[:4])))
+    exp = upstream("a new vCPU's feature MSR equals KVM_GET_MSRS on /dev/kvm (IA32_UCODE_REV: KVM's reset "
+                   "revision; DE_CFG: 0), and KVM_SET_MSRS of that value is accepted", 0)
+    verdict = (f"the {len(rows)} feature MSRs start at what KVM supports" if not bad else
+               f"{len(bad)} of {len(rows)} feature MSRs differ" + pvm_note(ctx))
+    return result("KVM_GET_MSR_FEATURE_INDEX_LIST and KVM_GET_MSRS on /dev/kvm; VM and vCPU with the default "
+                  "guest CPUID", "KVM_GET_MSRS and KVM_SET_MSRS of each feature MSR on the vCPU", obs, exp,
+                  verdict, details={"msrs": rows})
+
+
+@check("hwcr_bits", "MSR_K7_HWCR: which bits KVM_SET_MSRS takes and keeps", "msr", selftest="hwcr_msr_test")
+def _c_hwcr(ctx):
+    answers = {}
+    with ctx.vm() as vm:
+        v = ctx.vcpu(vm)
+        for bit in range(64):
+            val = 1 << bit
+            try:
+                v.set_msrs({MSR_K7_HWCR: val})
+                took = True
+            except KvmError:
+                took = False
+            try:
+                back = v.get_msrs([MSR_K7_HWCR])[MSR_K7_HWCR]
+            except KvmError as e:
+                return result("VM and vCPU", "KVM_GET_MSRS MSR_K7_HWCR", observed_err(e.errno),
+                              upstream("readable", 0), f"MSR_K7_HWCR does not read back: {errno_name(e.errno)}",
+                              status="differs")
+            answers[bit] = (took, back)
+            if back:
+                v.set_msrs({MSR_K7_HWCR: 0})
+    legal = HWCR_IGNORED | HWCR_VALID
+    bad = [b for b, (took, back) in answers.items()
+           if took != bool((1 << b) & legal) or back != (1 << b) & HWCR_VALID]
+    taken = [b for b, (took, _) in answers.items() if took]
+    obs = observed_ok(bad, f"bits accepted {taken}; kept " + str([b for b, (_, back) in answers.items() if back])
+                      + (f"; differing bits {bad}" if bad else ""))
+    exp = upstream("bits 3, 6, 8 accepted and read back as 0; 18 and 24 accepted and kept; every other bit "
+                   "refused", [])
+    verdict = ("MSR_K7_HWCR takes and keeps exactly the bits KVM emulates" if not bad else
+               f"MSR_K7_HWCR differs for bits {bad}")
+    return result("VM and vCPU with the default guest CPUID", "KVM_SET_MSRS MSR_K7_HWCR = 1 << bit, then "
+                  "KVM_GET_MSRS, for bit 0..63", obs, exp, verdict, status="as-upstream" if not bad else "differs")
+
+
+def _msr_cases(ctx):
+    """(name, index, test value, invalid value or None) for the msrs_test MSRs this vCPU has."""
+    out = [("STAR", 0xC0000081, 0x0023001000000000, None),
+           ("LSTAR", 0xC0000082, 0xFFFFFFFF81000000, NON_CANONICAL),
+           ("CSTAR", 0xC0000083, 0xFFFFFFFF81000040, NON_CANONICAL),
+           ("SYSCALL_MASK", 0xC0000084, 0x47700, None),
+           ("KERNEL_GS_BASE", 0xC0000102, 0x00007FFF12345000, NON_CANONICAL),
+           ("SYSENTER_CS", 0x174, 0x10, None),
+           # 32-bit values: AMD keeps only the low half for an AMD guest; a non-canonical value is
+           # made canonical, not refused ('KVM: x86: Canonicalize SYSENTER_EIP/ESP on write')
+           ("SYSENTER_ESP", 0x175, 0x12345000, None),
+           ("SYSENTER_EIP", 0x176, 0x81001000, None)]
+    if ctx.guest_cpuid.has("RDTSCP") or ctx.guest_cpuid.has("RDPID"):
+        out.append(("TSC_AUX", 0xC0000103, 0x12, 1 << 32))
+    return out
+
+
+@check("msrs_reset_write_read", "MSRs reset to 0, read back what is written, refuse invalid values", "msr",
+       selftest="msrs_test")
+def _c_msrs_rw(ctx):
+    rows, bad = [], []
+    with ctx.vm() as vm:
+        v = ctx.vcpu(vm)
+        for name, index, value, invalid in _msr_cases(ctx):
+            reset = attempt(lambda: v.get_msrs([index])[index])
+            wrote = attempt(lambda: v.set_msrs({index: value}) or 0)
+            back = attempt(lambda: v.get_msrs([index])[index])
+            refused = None
+            if invalid is not None:
+                refused = not attempt(lambda: v.set_msrs({index: invalid}) or 0)["ok"]
+                refused = refused and v.get_msrs([index])[index] == value
+            row = {"msr": name, "reset": reset["value"], "invalid_refused": refused,
+                   "read_back": back["value"] == value if back["ok"] else None}
+            rows.append(row)
+            if reset["value"] != 0 or not wrote["ok"] or not row["read_back"] or refused is False:
+                bad.append(name)
+    obs = observed_ok(bad, f"{len(rows)} MSRs: " + ("each resets to 0, reads back, refuses its invalid value"
+                                                   if not bad else f"differ: {', '.join(bad)}"))
+    exp = upstream("0 after reset; the written value reads back; a non-canonical address (or TSC_AUX bits 63:32) "
+                   "is refused even from the host, and the MSR keeps its value", [])
+    verdict = (f"{', '.join(r['msr'] for r in rows)}: as upstream" if not bad else
+               f"{len(bad)} MSRs differ: {', '.join(bad)}")
+    return result("VM and vCPU with the default guest CPUID; host-initiated accesses only (the selftest's guest "
+                  "side needs CPL0 RDMSR/WRMSR)", "KVM_GET_MSRS / KVM_SET_MSRS per MSR", obs, exp, verdict,
+                  status="as-upstream" if not bad else "differs", details={"msrs": rows})
+
+
+@check("one_reg_agrees_with_msrs", "KVM_GET/SET_ONE_REG and KVM_GET/SET_MSRS see the same MSR values", "msr",
+       selftest="msrs_test")
+def _c_one_reg_msrs(ctx):
+    from ..regs import msr
+    if not ctx.one_reg():
+        return not_in_kernel(ctx, ONE_REG_WHAT)
+    rows, bad = [], []
+    with ctx.vm() as vm:
+        v = ctx.vcpu(vm)
+        for name, index, value, _ in _msr_cases(ctx):
+            v.set_msrs({index: value})
+            got = attempt(lambda: v.get_one_reg(msr(index)))
+            v.set_one_reg(msr(index), 0)
+            cleared = v.get_msrs([index])[index]
+            row = {"msr": name, "one_reg_read": got["value"] == value if got["ok"] else got["text"],
+                   "one_reg_write_seen": cleared == 0}
+            rows.append(row)
+            if row["one_reg_read"] is not True or not row["one_reg_write_seen"]:
+                bad.append(name)
+    obs = observed_ok(bad, f"{len(rows)} MSRs: " + ("the two interfaces agree" if not bad else
+                                                   f"disagree on {', '.join(bad)}"))
+    exp = upstream("KVM_GET_ONE_REG(KVM_X86_REG_MSR(i)) reads what KVM_SET_MSRS wrote, and KVM_GET_MSRS reads "
+                   "what KVM_SET_ONE_REG wrote (since 6.18)", [])
+    verdict = ("ONE_REG and KVM_GET/SET_MSRS agree" if not bad else f"they disagree on {', '.join(bad)}")
+    return result("VM and vCPU with the default guest CPUID", "KVM_SET_MSRS then KVM_GET_ONE_REG; KVM_SET_ONE_REG "
+                  "then KVM_GET_MSRS, per MSR", obs, exp, verdict, status="as-upstream" if not bad else "differs",
+                  details={"msrs": rows})
