@@ -19,7 +19,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.list:
         for c in CHECKS:
-            print(f"{c.name:<36} {'fresh process: ' + c.group if c.group else 'in process':<28} {c.title}")
+            print(f"{c.name:<36} {'fresh process: ' + c.process if c.process else 'in process':<28} {c.title}")
         return 0
     try:
         checks = [get_check(n) for n in args.check]

@@ -39,7 +39,7 @@ def _c_one_reg(ctx):
                   details={"cap_one_reg": one_reg, "set_one_reg_works": set_back})
 
 
-@check("reg_list", "x86 KVM_GET_REG_LIST", "msr")
+@check("reg_list", "x86 KVM_GET_REG_LIST", "msr", selftest="msrs_test")
 def _c_reg_list(ctx):
     from .._bindings import ffi, ioctl
     if not ctx.one_reg():

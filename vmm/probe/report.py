@@ -3,7 +3,7 @@
 import time
 
 from ..errors import KvmError
-from .core import STATUSES, hex_text, prctl_get, ProbeError
+from .core import GROUPS, STATUSES, hex_text, prctl_get, ProbeError
 from .run import run_checks
 from .schema import SCHEMA_ID, load_schema, validate
 
@@ -54,11 +54,31 @@ def amx_from_checks(by_name):
             "supported_cpuid_after": req["details"].get("supported_cpuid_after")}
 
 
-def make_report(device="/dev/kvm", names=None, kernel=None):
-    """Run the checks and build the versioned report (validated against the shipped schema)."""
+def _counts(checks):
+    return {s: sum(1 for c in checks if c["status"] == s) for s in STATUSES}
+
+
+def summarize(checks):
+    """{status: count} over `checks`, and the same per group under "groups" (groups that ran)."""
+    out = _counts(checks)
+    out["groups"] = {g: _counts([c for c in checks if c["group"] == g])
+                     for g in GROUPS if any(c["group"] == g for c in checks)}
+    return out
+
+
+def all_as_upstream(report):
+    """True when every check is as upstream or skipped (with its reason): `vmm probe` exits 0."""
+    s = report["summary"]
+    return not s["differs"] and not s["error"]
+
+
+def make_report(device="/dev/kvm", names=None, kernel=None, groups=None):
+    """Run the checks (the named ones and those of the named groups; default all) and build the
+    versioned report (validated against the shipped schema). Raises ProbeError for an unknown
+    check or group."""
     from importlib import metadata
     t0 = time.monotonic()
-    checks = run_checks(device, names, kernel)
+    checks = run_checks(device, names, kernel, groups)
     host = host_info(device)
     by_name = {c["name"]: c for c in checks}
     msr = by_name.get("msr_index_list")
@@ -76,7 +96,7 @@ def make_report(device="/dev/kvm", names=None, kernel=None):
         "seconds": round(time.monotonic() - t0, 3),
         "host": host,
         "checks": checks,
-        "summary": {s: sum(1 for c in checks if c["status"] == s) for s in STATUSES},
+        "summary": summarize(checks),
     }
     problems = validate(report, load_schema())
     if problems:  # a bug in this module, not in the host
@@ -84,17 +104,29 @@ def make_report(device="/dev/kvm", names=None, kernel=None):
     return report
 
 
-def format_report(report):
-    """The text form of a report: a header, then one block per check."""
+def _count_text(s):
+    return f"{s['as-upstream']} as upstream, {s['differs']} differ, {s['skipped']} skipped, {s['error']} errors"
+
+
+def format_summary(report):
+    """The header line and one summary line per group of a report (a version 2 report)."""
     h = report["host"]
     s = report["summary"]
     lines = [f"vmm probe: Linux {h['kernel']}, {h['vendor']}{', kvm_pvm (PVM)' if h['pvm'] else ''}; "
-             f"{len(report['checks'])} checks in {report['seconds']:.1f} s: {s['as-upstream']} as upstream, "
-             f"{s['differs']} differ, {s['skipped']} skipped, {s['error']} errors", ""]
+             f"{len(report['checks'])} checks in {report['seconds']:.1f} s: {_count_text(s)}"]
+    for g, gs in s.get("groups", {}).items():
+        lines.append(f"  {g:<6} {sum(gs.values()):>2} checks: {_count_text(gs)}")
+    return "\n".join(lines) + "\n"
+
+
+def format_report(report):
+    """The text form of a report: the summary, then one block per check."""
+    lines = [format_summary(report)]
     for c in report["checks"]:
         label = {"as-upstream": "as upstream"}.get(c["status"], c["status"])
         lines.append(f"{c['name']:<52} {label}")
-        lines.append(f"  {c['title']}")
+        lines.append(f"  {c['title']}" + (f" [{c['group']}; from {c['selftest']}]" if c.get("selftest") else
+                                          f" [{c.get('group', '-')}]"))
         if c["status"] not in ("skipped",):
             lines.append(f"  setup     {c['setup']}")
             lines.append(f"  call      {c['call']}")

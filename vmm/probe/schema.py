@@ -6,9 +6,12 @@ from pathlib import Path
 
 from ..errors import VmmError
 
-SCHEMA_ID = "vmm-probe-report/1"
+SCHEMA_ID = "vmm-probe-report/2"  # 2: checks carry their group and selftest; summary per group
 SCHEMA_PREFIX = "vmm-probe-report/"
-SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schema" / "probe-report.schema.json"
+_SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schema"
+SCHEMA_FILE = _SCHEMA_DIR / "probe-report.schema.json"
+# the report schemas this vmm reads (compat and baseline take reports written by older vmm versions)
+READABLE = {"vmm-probe-report/1": _SCHEMA_DIR / "probe-report-1.schema.json", SCHEMA_ID: SCHEMA_FILE}
 
 
 class ReportError(VmmError):
@@ -82,8 +85,9 @@ def _json_equal(a, b):
     return a == b
 
 
-def load_schema():
-    with open(SCHEMA_FILE) as f:
+def load_schema(schema_id=SCHEMA_ID):
+    """The JSON schema of report version `schema_id` (one of READABLE)."""
+    with open(READABLE[schema_id]) as f:
         return json.load(f)
 
 
@@ -94,15 +98,15 @@ def check_report(data, source="report"):
     schema = data.get("schema")
     if schema is None:
         raise ReportError(f"{source}: not a vmm probe report (no 'schema' field)")
-    if schema != SCHEMA_ID:
+    if schema not in READABLE:
         if isinstance(schema, str) and schema.startswith(SCHEMA_PREFIX):
             raise ReportError(f"{source}: probe report schema {schema!r} is not one this vmm reads "
-                              f"({SCHEMA_ID}); write the report again with this vmm's `vmm probe`")
+                              f"({', '.join(READABLE)}); write the report again with this vmm's `vmm probe`")
         raise ReportError(f"{source}: not a vmm probe report (schema {schema!r}, expected {SCHEMA_ID!r})")
-    problems = validate(data, load_schema())
+    problems = validate(data, load_schema(schema))
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ReportError(f"{source}: invalid {SCHEMA_ID} report: " + "; ".join(problems[:3]) + more)
+        raise ReportError(f"{source}: invalid {schema} report: " + "; ".join(problems[:3]) + more)
     return data
 
 
