@@ -243,7 +243,7 @@ def here(tmp_path_factory):
     _require_kvm()
     d = tmp_path_factory.mktemp("compat")
     r = vmm("probe", "-o", str(d / "here.json"))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode in (0, 1) and ", 0 errors" in r.stdout, r.stderr  # 1: a check differs from upstream
     r = vmm("snapshot", "checkpoint", "-o", str(d / "s.snap"))
     assert r.returncode == 0, r.stderr
     return d
