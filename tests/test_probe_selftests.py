@@ -76,7 +76,7 @@ def test_userspace_io_rep_ins(res, kvm):
             total.append(io.count)
             ffi.buffer(data, io.count)[:] = b"\xaa" * io.count
     with Machine("rep-ins", kvm=kvm) as m:
-        m.runner.port_handlers[0x80] = handler
+        m.runner.serve_port_in(0x80, handler)
         events = [m.run(timeout=2) for _ in range(5)]
     syncs = [e.value for e in events if isinstance(e, Sync)]
     assert isinstance(events[-1], Done)
