@@ -13,7 +13,7 @@ MODULES = ("cpuid", "xsave", "amx", "reg", "snapshot", "probe", "sdk", "diff")
 # is imported whenever a command is looked up: correct, only slower)
 LAZY = {"cpuid": "cpuid", "xsave": "xsave", "amx": "amx", "reg": "reg",
         "snapshot": "snapshot", "restore": "snapshot", "inspect": "snapshot",
-        "probe": "probe", "compat": "probe", "baseline": "probe", "guest-sdk": "sdk"}
+        "probe": "probe", "compat": "probe", "baseline": "probe", "guest-sdk": "sdk", "diff": "diff"}
 
 
 def _present(module):

@@ -1,56 +1,115 @@
-"""`vmm reg`: registers by name through x86 ONE_REG (or KVM_GET/SET_MSRS where ONE_REG is absent)."""
+"""`vmm reg`: registers by name, every class (vmm/regfile.py), from a running guest at a SYNC, a vmm
+snapshot file or a Cloud Hypervisor snapshot directory. MSR and KVM register names on a running guest
+go through x86 ONE_REG (or KVM_GET/SET_MSRS where ONE_REG is absent), as KVM sees them now."""
 
 import sys
 
 import click
 
 from .. import regs
+from ..regfile import RegFileError, format_value, json_value
 from .common import (_emit, exit_for_event, console_echo, device_option, handle_errors, json_option,
                      run_to_end, run_to_sync, timeout_option)
 
-guest_arg = click.argument("guest")
+source_arg = click.argument("source", metavar="SOURCE")
 sync_option = click.option("--at-sync", "at_sync", type=click.IntRange(min=1), default=1, show_default=True,
-                           help="Act at the guest's N-th SYNC.")
+                           help="A running guest: act at its N-th SYNC.")
+vcpu_option = click.option("--vcpu", type=click.IntRange(min=0), default=0, show_default=True,
+                           help="Which vCPU of the source.")
+
+CLASSES = ("gpr", "segment", "dtable", "control", "debug", "xcr", "msr", "xsave", "lapic", "vcpu")
 
 
 @click.group("reg")
 def reg():
-    """Read and write vCPU registers by name or id (x86 KVM_GET/SET_ONE_REG)."""
+    """Read registers by name from a running guest (at a SYNC), a vmm snapshot or a Cloud Hypervisor
+    snapshot directory; write them on a running guest.
+
+    \b
+    Names: RAX..R15 RIP RFLAGS; CS..GS SS TR LDTR (.SELECTOR .BASE .LIMIT .ATTRIBUTES); GDTR/IDTR
+    .BASE .LIMIT; CR0 CR2 CR3 CR4 CR8 EFER APIC_BASE; DR0-7; XCR0; MSRs by name or index
+    (LSTAR, MSR_IA32_XSS, 0xc0000080); XSAVE registers (FCW FSW FTW MXCSR ST0-7 XMM0-15 YMM0-15
+    ZMM0-31 K0-7 PKRU TILECFG TMM0-7 ..., as the layout has them, XSTATE_BV XCOMP_BV); LAPIC.<reg>;
+    GUEST_SSP (running guests)."""
 
 
-def _boot(guest, device, at_sync, timeout, as_json):
+def _is_file_source(source):
+    from ..sources import kind_of
+    return kind_of(source) != "guest"
+
+
+def _boot(guest, device, at_sync, timeout, as_json, vcpu=0):
     from ..guest.machine import Machine
-    m = Machine(guest, device=device, on_console=console_echo(as_json))
+    m = Machine(guest, device=device, on_console=console_echo(as_json), vcpus=vcpu + 1)
     try:
-        run_to_sync(m, at_sync, timeout)
+        run_to_sync(m, at_sync, timeout, vcpu=vcpu)
     except BaseException:
         m.close()
         raise
     return m
 
 
+def _one_reg_name(name):
+    """The ONE_REG id for MSR/KVM register names and indices; None for the other classes."""
+    try:
+        return regs.parse_reg(name)
+    except regs.RegError:
+        return None
+
+
+def _row(rf, name):
+    r = rf.lookup(name)
+    v = rf.get(r.name)
+    return {"name": r.name, "class": r.cls, "size": r.size, "value": json_value(v)}, format_value(v, r.size)
+
+
+def _echo_rows(rows):
+    width = max((len(r["name"]) for r, _ in rows), default=0)
+    for r, text in rows:
+        click.echo(f"{r['name']:<{width}}  {text}")
+
+
 @reg.command("list")
-@guest_arg
+@source_arg
+@click.option("--class", "classes", multiple=True, type=click.Choice(CLASSES),
+              help="Only registers of this class (repeatable).")
+@vcpu_option
 @device_option
 @sync_option
 @timeout_option
 @json_option
 @handle_errors
-def reg_list(guest, device, at_sync, timeout, as_json):
-    """KVM_GET_REG_LIST, and every MSR of KVM_GET_MSR_INDEX_LIST with its value (MSRs are not
-    listed by KVM_GET_REG_LIST), at the guest's SYNC."""
-    with _boot(guest, device, at_sync, timeout, as_json) as m:
-        acc = regs.RegisterAccess(m.vcpu)
-        listed = m.vcpu.get_reg_list()
+def reg_list(source, classes, vcpu, device, at_sync, timeout, as_json):
+    """Every register SOURCE holds, with its value. For a running guest also KVM_GET_REG_LIST and each
+    MSR of KVM_GET_MSR_INDEX_LIST this vCPU can read (MSRs are not listed by KVM_GET_REG_LIST)."""
+    from .. import sources
+    if _is_file_source(source):
+        src = sources.open_file_source(source)
+        rf = src.regfile(vcpu)
+        rows = [_row(rf, r.name) for r in rf.registers(composites=True) if not classes or r.cls in classes]
+        if as_json:
+            _emit({"source": src.label, "vcpu": vcpu, "registers": [r for r, _ in rows]})
+        else:
+            _echo_rows(rows)
+        return
+    with _boot(source, device, at_sync, timeout, as_json, vcpu) as m:
+        acc = regs.RegisterAccess(m.vcpus[vcpu])
+        listed = m.vcpus[vcpu].get_reg_list()
         values = acc.readable_msrs(m.kvm.get_msr_index_list())
         unreadable = sorted(set(m.kvm.get_msr_index_list()) - set(values))
+        rf = sources.from_machine(m).regfile(vcpu)
+    state_rows = [_row(rf, r.name) for r in rf.registers(composites=True)
+                  if r.cls != "msr" and (not classes or r.cls in classes)]
     rows = [dict(regs.describe(i), value=None, source="KVM_GET_REG_LIST") for i in listed]
-    rows += [dict(regs.describe(regs.msr(i)), value=hex(v), source="KVM_GET_MSR_INDEX_LIST")
-             for i, v in sorted(values.items())]
+    if not classes or "msr" in classes:
+        rows += [dict(regs.describe(regs.msr(i)), value=hex(v), source="KVM_GET_MSR_INDEX_LIST", **{"class": "msr"})
+                 for i, v in sorted(values.items())]
     if as_json:
-        _emit({"via": acc.via, "reg_list": [hex(i) for i in listed], "registers": rows,
+        _emit({"via": acc.via, "vcpu": vcpu, "reg_list": [hex(i) for i in listed],
+               "registers": [dict(r, source="vCPU state") for r, _ in state_rows] + rows,
                "unreadable_msrs": [hex(i) for i in unreadable]})
         return
+    _echo_rows(state_rows)
     click.echo(f"KVM_GET_REG_LIST: {len(listed)} registers; MSRs from KVM_GET_MSR_INDEX_LIST read via {acc.via}")
     for r in rows:
         click.echo(f"  {r['id']}  {r['name']:<28} {r['value'] or '':>18}")
@@ -59,50 +118,120 @@ def reg_list(guest, device, at_sync, timeout, as_json):
 
 
 @reg.command("get")
-@guest_arg
+@source_arg
 @click.argument("names", nargs=-1, required=True)
+@vcpu_option
 @device_option
 @sync_option
 @timeout_option
 @json_option
 @handle_errors
-def reg_get(guest, names, device, at_sync, timeout, as_json):
-    """Read NAMES (e.g. EFER, MSR_LSTAR, 0xc0000080, GUEST_SSP, or a full 64-bit id)."""
-    ids = [regs.parse_reg(n) for n in names]  # validate before touching KVM
-    with _boot(guest, device, at_sync, timeout, as_json) as m:
-        acc = regs.RegisterAccess(m.vcpu)
-        values = [(i, acc.get(i)) for i in ids]
-    if as_json:
-        _emit({"via": acc.via, "registers": [dict(regs.describe(i), value=hex(v)) for i, v in values]})
+def reg_get(source, names, vcpu, device, at_sync, timeout, as_json):
+    """Read NAMES from SOURCE (e.g. `vmm reg get s.snap RIP CR4 XMM0 --vcpu 1`, `vmm reg get ch-snap/
+    TMM0`, `vmm reg get sync EFER`). Snapshots are read without KVM."""
+    from .. import sources
+    if _is_file_source(source):
+        src = sources.open_file_source(source)
+        rf = src.regfile(vcpu)
+        rows = [_row(rf, n) for n in names]  # every name checked before anything is printed
+        if as_json:
+            _emit({"source": src.label, "vcpu": vcpu, "registers": [r for r, _ in rows]})
+        else:
+            _echo_rows(rows)
         return
-    for i, v in values:
-        click.echo(f"{regs.name_of(i):<24} 0x{v:016x}")
+    ids = {n: _one_reg_name(n) for n in names}
+    with _boot(source, device, at_sync, timeout, as_json, vcpu) as m:
+        acc = regs.RegisterAccess(m.vcpus[vcpu])
+        rf = sources.from_machine(m).regfile(vcpu) if None in ids.values() else None
+        out = []
+        for n in names:
+            if ids[n] is not None:
+                v = acc.get(ids[n])
+                out.append((dict(regs.describe(ids[n]), value=hex(v)), f"0x{v:016x}"))
+            else:
+                out.append(_row(rf, n))
+    if as_json:
+        _emit({"source": f"guest {source}", "via": acc.via, "vcpu": vcpu, "registers": [r for r, _ in out]})
+        return
+    _echo_rows(out)
+
+
+def _parse_value(text, name):
+    try:
+        v = int(text.replace("_", ""), 0)
+    except ValueError:
+        raise RegFileError(f"value for {name} {text!r} is not a number (0x hex or decimal)") from None
+    if v < 0:
+        raise RegFileError(f"value for {name} {text!r} is negative")
+    return v
+
+
+def _write_piece(vcpu, state, piece):
+    """Write one piece of a changed VcpuState to the vCPU (the ioctl that owns it)."""
+    if piece == "regs":
+        vcpu.set_regs(state.regs)
+    elif piece == "sregs":
+        vcpu.set_sregs(state.sregs)
+    elif piece == "debugregs":
+        vcpu.set_debugregs(state.debugregs)
+    elif piece == "xcrs":
+        vcpu.set_xcrs(state.xcrs)
+    elif piece == "xsave":
+        vcpu.set_xsave(state.xsave)
+    elif piece == "lapic":
+        vcpu.set_lapic(state.lapic)
+    elif piece == "msrs":
+        vcpu.set_msrs(state.msrs)
 
 
 @reg.command("set")
-@guest_arg
+@click.argument("guest")
 @click.argument("assignments", nargs=-1, required=True)
+@vcpu_option
 @device_option
 @sync_option
 @timeout_option
 @json_option
 @handle_errors
-def reg_set(guest, assignments, device, at_sync, timeout, as_json):
-    """Set NAME=VALUE at the guest's SYNC, read it back, then let the guest continue to its end
-    (so a guest such as msr-report shows what it sees)."""
-    pairs = [regs.parse_assignment(a) for a in assignments]
-    with _boot(guest, device, at_sync, timeout, as_json) as m:
-        acc = regs.RegisterAccess(m.vcpu)
+def reg_set(guest, assignments, vcpu, device, at_sync, timeout, as_json):
+    """Set NAME=VALUE on a running GUEST at its SYNC, read it back, then let the guest continue to its
+    end (so a guest such as msr-report shows what it sees). Snapshots are read only."""
+    from .. import sources
+    if _is_file_source(guest):
+        raise RegFileError(f"{guest} is a snapshot: snapshots are read only; `vmm reg set` changes a "
+                           "running guest")
+    pairs = []
+    for a in assignments:
+        name, sep, value = a.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise RegFileError(f"expected NAME=VALUE, got {a!r}")
+        rid = _one_reg_name(name)
+        pairs.append((name.strip(), rid, regs.parse_assignment(a)[1] if rid is not None
+                      else _parse_value(value.strip(), name)))
+    with _boot(guest, device, at_sync, timeout, as_json, vcpu) as m:
+        v = m.vcpus[vcpu]
+        acc = regs.RegisterAccess(v)
         done = []
-        for i, v in pairs:
-            acc.set(i, v)
-            done.append((i, v, acc.get(i)))
+        for name, rid, value in pairs:
+            if rid is not None:
+                acc.set(rid, value)
+                back, shown, via = acc.get(rid), regs.name_of(rid), acc.via
+            else:
+                src = sources.from_machine(m)
+                rf = src.regfile(vcpu)
+                piece = rf.set(name, value)
+                _write_piece(v, rf.state, piece)
+                r = rf.lookup(name)
+                back = sources.from_machine(m).regfile(vcpu).get(r.name)
+                shown, via = r.name, f"KVM_SET_{piece.upper()}"
+                back = int.from_bytes(back, "little") if isinstance(back, bytes) else back
+            done.append((shown, value, back, via))
             if not as_json:
-                click.echo(f"set {regs.name_of(i)} = 0x{v:x} via {acc.via}; reads back 0x{done[-1][2]:x}")
-        ev, syncs = run_to_end(m, timeout, as_json)
+                click.echo(f"set {shown} = 0x{value:x} via {via}; reads back 0x{back:x}")
+        ev, syncs = run_to_end(m, timeout, as_json, vcpu=vcpu)
         if as_json:
-            _emit({"via": acc.via, "set": [dict(regs.describe(i), value=hex(v), readback=hex(r))
-                                           for i, v, r in done],
+            _emit({"via": acc.via, "set": [{"name": n, "value": hex(val), "readback": hex(b), "via": via}
+                                           for n, val, b, via in done],
                    "console": m.console, "syncs": [hex(s) for s in syncs], "exit": ev.to_json()})
         else:
             click.echo(str(ev))

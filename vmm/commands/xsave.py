@@ -5,20 +5,9 @@ import click
 from ..kvm import Kvm, is_pvm
 from ..xsave import (XsaveArea, XsaveError, XsaveLayout, component_name, kvm_xsave_size, mask_names,
                      parse_mask)
+from ..regfile import format_value
 from .common import (_emit, amx_option, console_echo, device_option, handle_errors, json_option, run_to_sync,
                      timeout_option)
-
-
-def format_value(value, size):
-    """Integers of up to 8 bytes as 0x..., wider ones as zero-padded qwords, most significant first."""
-    if isinstance(value, bytes):
-        value = int.from_bytes(value, "little")
-    if size <= 8:
-        return f"{value:#x}"
-    digits = f"{value:0{2 * size}x}"
-    head = len(digits) % 16
-    chunks = ([digits[:head]] if head else []) + [digits[i:i + 16] for i in range(head, len(digits), 16)]
-    return " ".join(chunks)
 
 
 def hexdump(raw):

@@ -1,0 +1,133 @@
+"""Register-level differences between two vCPU states, and the guest memory extents that differ
+between two VMs. Pure over its inputs (memory is read through the callables given).
+
+Per vCPU, in this order: every register class of vmm.regfile (GPRs, segments, descriptor tables,
+control registers, debug registers, XCRs, MSRs by name, LAPIC registers, MP state, events), the XSAVE
+area through vmm.xsave.XsaveArea.diff (XSTATE_BV, XCOMP_BV, then each register by its architectural
+value, so buffers of different layouts compare by register), and the CPUID table, field by field
+(CPUID.(leaf,sub-leaf).REG) with the named features that differ.
+"""
+
+from dataclasses import dataclass
+
+PAGE = 4096
+
+
+@dataclass
+class Difference:
+    cls: str      # a vmm.regfile class, or "cpuid", "cpuid-feature", "vcpu"
+    name: str
+    a: object     # int, bytes, bool, or None when only the other side has it
+    b: object
+    size: int = 8
+
+
+def diff_vcpus(rf_a, rf_b):
+    """[Difference] between two vmm.regfile.RegisterFile (XSAVE composites are left out: their parts
+    are compared)."""
+    out = []
+    regs_a = {r.name: r for r in rf_a.registers() if r.cls != "xsave"}
+    regs_b = {r.name: r for r in rf_b.registers() if r.cls != "xsave"}
+    for name in list(regs_a) + [n for n in regs_b if n not in regs_a]:
+        ra, rb = regs_a.get(name), regs_b.get(name)
+        va = rf_a.get(name) if ra else None
+        vb = rf_b.get(name) if rb else None
+        if va != vb:
+            r = ra or rb
+            out.append(Difference(r.cls, name, va, vb, r.size))
+    out += _xsave(rf_a, rf_b)
+    out += diff_cpuid(rf_a.state.cpuid, rf_b.state.cpuid)
+    return out
+
+
+def _xsave(rf_a, rf_b):
+    a, b = rf_a.area, rf_b.area
+    if a is None or b is None:
+        if (a is None) != (b is None) or rf_a.state.xsave != rf_b.state.xsave:
+            return [Difference("xsave", "XSAVE", rf_a.xsave_problem or "decoded",
+                               rf_b.xsave_problem or "decoded", 0)]
+        return []
+    out = []
+    for name, va, vb in a.diff(b):
+        size = (a.register_size(name) if name in a.register_names() else
+                b.register_size(name) if name in b.register_names() else 8)
+        out.append(Difference("xsave", name.upper(), va, vb, size))
+    return out
+
+
+def diff_cpuid(ta, tb):
+    """CPUID.(leaf,sub-leaf).REG for each differing register of the two tables, then the named
+    features only one has."""
+    out = []
+    ea = {(e.function, e.index if e.indexed else 0): e for e in ta}
+    eb = {(e.function, e.index if e.indexed else 0): e for e in tb}
+    for key in sorted(set(ea) | set(eb)):
+        x, y = ea.get(key), eb.get(key)
+        for reg in ("eax", "ebx", "ecx", "edx"):
+            va = x.reg(reg) if x else None
+            vb = y.reg(reg) if y else None
+            if va != vb:
+                out.append(Difference("cpuid", f"CPUID.(0x{key[0]:x},{key[1]}).{reg.upper()}", va, vb, 4))
+    fa, fb = ta.features(), tb.features()
+    for f in sorted(fa ^ fb):
+        out.append(Difference("cpuid-feature", f, f in fa, f in fb, 0))
+    return out
+
+
+def diff_memory(slots_a, slots_b, read_a, read_b, chunk=1 << 20):
+    """Guest-physical extents whose contents differ: [(gpa, length)], page granular.
+
+    slots_*: [(gpa, size, [(offset, length)] extents that may hold non-zero data)]; read_*(gpa, n)
+    returns the bytes at gpa. Pages outside every extent of both sides are zero on both and skipped.
+    A slot only one side has counts as differing where it holds data; slots at the same gpa with
+    different sizes compare over the common part and the rest differs."""
+    runs = []
+    by_gpa_b = {g: (s, e) for g, s, e in slots_b}
+    seen_b = set()
+    for gpa, size, ext_a in slots_a:
+        if gpa not in by_gpa_b:
+            runs += [(gpa + o, n) for o, n in ext_a]
+            continue
+        seen_b.add(gpa)
+        size_b, ext_b = by_gpa_b[gpa]
+        common = min(size, size_b)
+        pages = set()
+        for o, n in ext_a + ext_b:
+            pages.update(range(o // PAGE, (min(o + n, common) + PAGE - 1) // PAGE))
+        for start, count in _runs(sorted(pages)):
+            off = start * PAGE
+            end = off + count * PAGE
+            while off < end:
+                n = min(chunk, end - off)
+                da, db = read_a(gpa + off, n), read_b(gpa + off, n)
+                if da != db:
+                    for p in range(0, n, PAGE):
+                        if da[p:p + PAGE] != db[p:p + PAGE]:
+                            runs.append((gpa + off + p, PAGE))
+                off += n
+        if size != size_b:
+            runs.append((gpa + common, max(size, size_b) - common))
+    for gpa, size, ext_b in slots_b:
+        if gpa not in seen_b:
+            runs += [(gpa + o, n) for o, n in ext_b]
+    return _coalesce(sorted(runs))
+
+
+def _runs(pages):
+    out = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1][1] += 1
+        else:
+            out.append([p, 1])
+    return out
+
+
+def _coalesce(runs):
+    out = []
+    for g, n in runs:
+        if out and out[-1][0] + out[-1][1] == g:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((g, n))
+    return out
