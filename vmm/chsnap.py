@@ -24,6 +24,7 @@ import json
 import os
 import struct
 
+from . import files
 from ._bindings import ffi
 from .cpuid import CpuidEntry, CpuidError, CpuidTable
 from .cstructs import Regs, Sregs
@@ -70,14 +71,7 @@ def load(path) -> ChSnapshot:
     if not os.path.isdir(path):
         raise ChSnapshotError(f"{path}: not a directory (a Cloud Hypervisor snapshot is a directory "
                               f"with {STATE_FILE})")
-    try:
-        size = os.stat(f).st_size
-    except OSError as e:
-        raise ChSnapshotError(f"{path}: no {STATE_FILE}: {e.strerror}") from None
-    if size > MAX_STATE_BYTES:
-        raise ChSnapshotError(f"{f}: {size} bytes, more than the {MAX_STATE_BYTES >> 20} MiB vmm reads")
-    with open(f, "rb") as fh:
-        root = _json(fh.read(MAX_STATE_BYTES + 1), f)
+    root = _json(files.read_bytes(f, "Cloud Hypervisor state file", MAX_STATE_BYTES), f)
     node = _node(root, f, "the root")
     vm_data = _data(node, f, "the root") or {}
     cpus = _node(node["snapshots"].get("cpu-manager"), f, "snapshots.cpu-manager")

@@ -59,7 +59,8 @@ def _msr_name(i):
 
 # --- reading SOURCE and TARGET ---------------------------------------------------------------------
 def read_input(spec):
-    """('here', None) | ('snapshot', path) | ('report', dict) | ('baseline', dict) | ('cpuid', table)
+    """('here', None) | ('snapshot', path) | ('cloud-hypervisor', path) | ('report', dict)
+    | ('baseline', dict) | ('cpuid', table)
     | ('dump', table), judged by content, not by the file name."""
     if spec == "here":
         return "here", None
@@ -67,7 +68,10 @@ def read_input(spec):
         raise CompatError(f"{spec}: no such file (give a snapshot, a probe report, a CPUID dump, a "
                           "guest CPUID JSON file, or 'here')")
     if os.path.isdir(spec):
-        raise CompatError(f"{spec}: is a directory")
+        from .chsnap import is_ch_snapshot
+        if is_ch_snapshot(spec):
+            return "cloud-hypervisor", spec
+        raise CompatError(f"{spec}: is a directory, and not a Cloud Hypervisor snapshot (no state.json)")
     try:
         with open(spec, "rb") as f:
             head = f.read(len(SNAPSHOT_MAGIC))
@@ -252,7 +256,7 @@ def load_host(spec, device="/dev/kvm"):
         return Host.from_report(obj, f"probe report {spec}")
     if kind in ("dump", "cpuid"):
         return Host.from_dump(obj, f"CPUID {'dump' if kind == 'dump' else 'JSON'} {os.path.basename(spec)}")
-    if kind == "snapshot":
+    if kind in ("snapshot", "cloud-hypervisor"):
         raise CompatError(f"{spec}: a snapshot is a guest, not a host: give it as SOURCE, and as the "
                           "destination a probe report, a CPUID dump or 'here'")
     raise CompatError(f"{spec}: a baseline is a guest CPUID, not a host: give it as SOURCE")
@@ -323,6 +327,9 @@ def load_guest(spec, device="/dev/kvm"):
     if kind == "snapshot":
         from .snapshot import load
         return Guest.from_snapshot(load(spec), f"snapshot {spec}")
+    if kind == "cloud-hypervisor":  # its vCPU states, read as vmm's (vmm/chsnap.py)
+        from .chsnap import load as load_ch
+        return Guest.from_snapshot(load_ch(spec), f"Cloud Hypervisor snapshot {spec}")
     if kind == "baseline":
         try:
             table = CpuidTable.from_json(obj["cpuid"])

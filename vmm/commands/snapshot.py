@@ -89,49 +89,108 @@ def restore_cmd(file, timeout, device, as_json):
 
 
 @click.command("inspect")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
+@click.option("--vcpu", type=click.IntRange(min=0), default=None,
+              help="Decode only this vCPU (default: every vCPU).")
+@click.option("--summary", is_flag=True, help="Only the summary, no per-vCPU decode.")
 @json_option
 @handle_errors
-def inspect_cmd(file, as_json):
-    """Print what a snapshot holds, without touching KVM (the file is fully validated)."""
-    from .. import snapshot
-    snap = snapshot.load(file)
+def inspect_cmd(file, vcpu, summary, as_json):
+    """Print what a snapshot holds, without touching KVM (the file is fully validated): a summary,
+    then per vCPU the registers (GPRs, segments, control, debug), the MSRs by name and the XSAVE area
+    decoded as `vmm xsave` prints it. FILE is a vmm snapshot or a Cloud Hypervisor snapshot directory."""
+    from .. import sources
+    src = sources.open_file_source(file)
+    if vcpu is not None:
+        src.check_vcpu(vcpu)
+    snap = src.snapshot
     meta = snap.meta
     vcpus = []
     for i, s in enumerate(snap.vcpus):
-        xstate_bv = struct.unpack_from("<Q", s.xsave, 512)[0]
+        xstate_bv = struct.unpack_from("<Q", s.xsave, 512)[0] if len(s.xsave) >= 520 else 0
         vcpus.append({"vcpu": i, "rip": hex(s.regs.rip), "cpl": s.sregs.cpl, "xcr0": hex(s.xcrs.get(0, 0)),
                       "xstate_bv": hex(xstate_bv), "xsave_bytes": len(s.xsave), "msrs": len(s.msrs),
                       "lapic": s.lapic is not None, "tsc_khz": s.tsc_khz})
-    mem = [{"slot": m["slot"], "gpa": hex(m["gpa"]), "size": m["size"],
-            "stored_bytes": sum(n for _, n, _ in m["extents"]), "extents": len(m["extents"])}
-           for m in snap.memory]
     host = meta.get("host", {})
-    info = {"file": file, "format": f"{snap.major}.{snap.minor}", "created": meta.get("created"),
-            "guest": meta.get("guest"), "at_sync": meta.get("at_sync"),
-            "irqchip": meta["vm"]["irqchip"], "vcpus": vcpus, "memory": mem,
-            "host": {"kernel": host.get("kernel"), "vendor": host.get("vendor"), "pvm": host.get("pvm")},
-            "guest_cpuid_features": sorted(snap.guest_cpuid().features()),
-            "kvm_cpuid_differs": _kvm_cpuid_diff(snap.vcpus[0]) if snap.vcpus else [],
-            "sections": [{"tag": s.tag, "offset": s.offset, "length": s.length} for s in snap.sections.values()]}
+    if src.kind == "snapshot":
+        mem = [{"slot": m["slot"], "gpa": hex(m["gpa"]), "size": m["size"],
+                "stored_bytes": sum(n for _, n, _ in m["extents"]), "extents": len(m["extents"])}
+               for m in snap.memory]
+        info = {"file": file, "format": f"{snap.major}.{snap.minor}", "created": meta.get("created"),
+                "guest": meta.get("guest"), "at_sync": meta.get("at_sync"),
+                "irqchip": meta["vm"]["irqchip"], "vcpus": vcpus, "memory": mem,
+                "host": {"kernel": host.get("kernel"), "vendor": host.get("vendor"), "pvm": host.get("pvm")},
+                "guest_cpuid_features": sorted(snap.guest_cpuid().features()),
+                "kvm_cpuid_differs": _kvm_cpuid_diff(snap.vcpus[0]) if snap.vcpus else [],
+                "sections": [{"tag": s.tag, "offset": s.offset, "length": s.length}
+                             for s in snap.sections.values()]}
+    else:
+        info = {"file": file, "format": "cloud-hypervisor", "vcpus": vcpus,
+                "guest_cpuid_features": sorted(snap.guest_cpuid().features())}
+    chosen = [] if summary else ([vcpu] if vcpu is not None else range(len(snap.vcpus)))
+    decoded = [_decode_vcpu(src, i) for i in chosen]
     if as_json:
+        for d in decoded:
+            info["vcpus"][d["vcpu"]]["decoded"] = d
         _emit(info)
         return
-    g = meta.get("guest", {})
-    click.echo(f"{file}: vmm snapshot format {info['format']}, created {info['created']}")
-    click.echo(f"guest       {g.get('name')} (cpl {g.get('cpl')}) at SYNC {info['at_sync']}")
-    click.echo(f"source host {host.get('vendor')}, Linux {host.get('kernel')}{', PVM' if host.get('pvm') else ''}")
-    click.echo(f"irqchip     {'in-kernel' if info['irqchip'] else 'none'}")
+    if src.kind == "snapshot":
+        g = meta.get("guest", {})
+        click.echo(f"{file}: vmm snapshot format {info['format']}, created {info['created']}")
+        click.echo(f"guest       {g.get('name')} (cpl {g.get('cpl')}) at SYNC {info['at_sync']}")
+        click.echo(f"source host {host.get('vendor')}, Linux {host.get('kernel')}"
+                   f"{', PVM' if host.get('pvm') else ''}")
+        click.echo(f"irqchip     {'in-kernel' if info['irqchip'] else 'none'}")
+    else:
+        click.echo(f"{file}: Cloud Hypervisor snapshot (x86_64 KVM vCPU state)")
     for v in vcpus:
         click.echo(f"vcpu {v['vcpu']}      rip {v['rip']} cpl {v['cpl']} XCR0 {v['xcr0']} XSTATE_BV {v['xstate_bv']} "
                    f"XSAVE {v['xsave_bytes']} bytes, {v['msrs']} MSRs{', LAPIC' if v['lapic'] else ''}")
-    for m in mem:
+    for m in info.get("memory", []):
         click.echo(f"memory {m['slot']}    {m['size'] >> 20} MiB at {m['gpa']}: {m['stored_bytes']} bytes stored "
                    f"in {m['extents']} extents")
     click.echo(f"guest CPUID {len(info['guest_cpuid_features'])} named features: "
                + " ".join(info["guest_cpuid_features"]))
-    if info["kvm_cpuid_differs"]:
+    if info.get("kvm_cpuid_differs"):
         click.echo("KVM_GET_CPUID2 differs from the CPUID set: " + " ".join(info["kvm_cpuid_differs"]))
+    for i in chosen:
+        _echo_vcpu(src, i)
+
+
+def _decode_vcpu(src, i):
+    """JSON of one vCPU: registers by class (vmm/regfile.py), MSRs by name, the XSAVE area."""
+    from ..regfile import json_value
+    rf = src.regfile(i)
+    classes = {}
+    for r in rf.registers():
+        if r.cls != "xsave":
+            classes.setdefault(r.cls, {})[r.name] = json_value(rf.get(r.name))
+    return {"vcpu": i, "registers": classes,
+            "xsave": rf.area.to_json() if rf.area is not None else {"error": rf.xsave_problem}}
+
+
+def _echo_vcpu(src, i):
+    from ..regfile import format_value
+    from .xsave import echo_components
+    rf = src.regfile(i)
+    click.echo(f"--- vcpu {i}")
+    by_class = {}
+    for r in rf.registers():
+        if r.cls != "xsave":
+            by_class.setdefault(r.cls, []).append(r)
+    for cls, rows in by_class.items():
+        click.echo(f"{cls}:")
+        width = max(len(r.name) for r in rows)
+        per_line = 1 if cls in ("msr", "vcpu") else 3
+        for k in range(0, len(rows), per_line):
+            click.echo("  " + "   ".join(f"{r.name:<{width}} {format_value(rf.get(r.name), r.size):<18}"
+                                          for r in rows[k:k + per_line]).rstrip())
+    if rf.area is None:
+        click.echo(f"xsave: {rf.xsave_problem}")
+        return
+    a = rf.area
+    click.echo(f"xsave: {len(a.raw)} bytes, XSTATE_BV {a.xstate_bv:#x}, XCOMP_BV {a.xcomp_bv:#x}")
+    echo_components(a, {c.index for c in a.components_outside(src.vcpus[i].xcrs.get(0, 1))}, indent="  ")
 
 
 def _kvm_cpuid_diff(s):

@@ -94,17 +94,22 @@ def _echo_text(guest, at_sync, info, raw):
         for line in hexdump(info["raw"]):
             click.echo(line)
         return
-    beyond = {c.index for c in info["beyond"]}
-    click.echo("components present (XSTATE_BV):")
+    echo_components(a, {c.index for c in info["beyond"]})
+
+
+def echo_components(a, beyond=(), indent=""):
+    """The components present (XSTATE_BV) and the non-zero registers of XsaveArea `a`, grouped by
+    component, as `vmm xsave` prints them (`vmm inspect` prints snapshots' areas the same way)."""
+    click.echo(f"{indent}components present (XSTATE_BV):")
     for c in a.components_present():
         mark = "  beyond XCR0" if c.index in beyond else ""
-        click.echo(f"  {c.index:>2} {c.name:<10} offset {c.offset:>5} size {c.size:>5}{mark}")
-    click.echo("non-zero registers:")
+        click.echo(f"{indent}  {c.index:>2} {c.name:<10} offset {c.offset:>5} size {c.size:>5}{mark}")
+    click.echo(f"{indent}non-zero registers:")
     for index, rows in sorted(_registers_by_component(a).items()):
-        click.echo(f"  {component_name(index)}:")
+        click.echo(f"{indent}  {component_name(index)}:")
         width = max(len(n) for n, _ in rows)
         for name, text in rows:
-            click.echo(f"    {name:<{width}}  {text}")
+            click.echo(f"{indent}    {name:<{width}}  {text}")
 
 
 def _json(guest, at_sync, info, raw):
