@@ -76,7 +76,7 @@ def _rehead(data):
     ("truncated", lambda d: d.__delitem__(slice(len(d) - 4096, None)), "truncated"),
     ("tiny", lambda d: d.__delitem__(slice(100, None)), "truncated"),
     ("magic", lambda d: d.__setitem__(slice(0, 8), b"NOTSNAP\0"), "not a vmm snapshot"),
-    ("newer", lambda d: (struct.pack_into("<H", d, 8, 2), _rehead(d)), "newer vmm"),
+    ("newer", lambda d: (struct.pack_into("<H", d, 8, snapshot.MAJOR + 1), _rehead(d)), "newer vmm"),
     ("header", lambda d: d.__setitem__(20, d[20] ^ 0x40), "header checksum"),
     ("trailing", lambda d: d.extend(b"x"), "trailing data"),
 ])
@@ -253,3 +253,85 @@ def test_a_zero_tail_xsave_of_an_amx_permitted_saver_restores_without_warning(tm
     r = vmm("restore", str(path))
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stderr == "" and r.stdout.rstrip().endswith("done")
+
+
+def _sync_snapshot(path, kvm, memory=4 << 20, fill=0):
+    """The sync guest at its first SYNC, `fill` bytes of a pattern written above the runtime."""
+    from vmm.guest import runtime
+    with Machine("sync", kvm=kvm, memory=memory) as m:
+        assert m.run(timeout=10).kind == "sync"
+        if fill:
+            pattern = (bytes(range(1, 256)) * (fill // 255 + 1))[:fill]
+            m.vm.write(runtime.MIN_MEMORY, pattern)
+        snapshot.save(str(path), kvm, m.vm, m.vcpus, [state.save_state(v) for v in m.vcpus])
+    return path
+
+
+def _as_format_1(path, out):
+    """The same snapshot as format 1 wrote it: crc32 (an integer) per memory extent."""
+    snap = snapshot.load(str(path))
+    data = bytearray(path.read_bytes())
+    meta = dict(snap.meta, format="1.0")
+    mem = snap.sections["mem.0"]
+    for m in meta["vm"]["memory"]:
+        del m["hash"]
+        m["extents"] = [[off, n, zlib.crc32(data[mem.offset + off:mem.offset + off + n])]
+                        for off, n, _ in m["extents"]]
+    blob = json.dumps(meta).encode()
+    sec = snap.sections["meta"]
+    room = min(s.offset for s in snap.sections.values() if s.offset > sec.offset) - sec.offset
+    assert len(blob) <= room
+    data[sec.offset:sec.offset + room] = blob + bytes(room - len(blob))
+    struct.pack_into("<HH", data, 8, 1, 0)
+    for i in range(struct.unpack_from("<I", data, 12)[0]):
+        at = 16 + i * 40
+        if data[at:at + 16].rstrip(b"\0") == b"meta":
+            struct.pack_into("<QI", data, at + 24, len(blob), zlib.crc32(blob))
+    _rehead(data)
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.kvm
+def test_format_1_files_still_load_and_restore(tmp_path, kvm):
+    """A format-1 file (crc32 per extent) loads, restores and runs on; a flipped byte in its
+    guest memory is still caught, by load and by restore."""
+    new = _sync_snapshot(tmp_path / "new.snap", kvm, memory=8 << 20, fill=64 << 10)
+    old = _as_format_1(new, tmp_path / "old.snap")
+    snap = snapshot.load(str(old))
+    assert (snap.major, snap.minor) == (1, 0)
+    assert snap.memory[0]["extents"] and all(isinstance(c, int) for _, _, c in snap.memory[0]["extents"])
+    with Machine.from_snapshot(snapshot.load(str(old), check_memory=False), kvm=kvm) as r:
+        assert [r.run(timeout=10).kind for _ in range(3)] == ["sync", "sync", "done"]
+    off, n, _ = snap.memory[0]["extents"][-1]
+    at = snap.sections["mem.0"].offset + off + n // 2
+    bad = _corrupt(tmp_path, old, lambda d: d.__setitem__(at, d[at] ^ 1))
+    with pytest.raises(SnapshotError, match="fails its checksum"):
+        snapshot.load(str(bad))
+    with pytest.raises(SnapshotError, match="fails its checksum"):
+        Machine.from_snapshot(snapshot.load(str(bad), check_memory=False), kvm=kvm)
+
+
+@pytest.mark.kvm
+def test_restore_checks_every_extent_before_the_guest_runs(tmp_path, kvm):
+    """load(check_memory=False) leaves the memory checksums to the restore, which checks them on
+    worker threads and refuses the snapshot before any KVM_RUN; extents are at most EXTENT_MAX
+    bytes (the unit of parallel checking), hashed with XXH3-64."""
+    path = _sync_snapshot(tmp_path / "big.snap", kvm, memory=192 << 20, fill=150 << 20)
+    snap = snapshot.load(str(path))
+    ext = snap.memory[0]["extents"]
+    assert snap.major == 2 and snap.memory[0]["hash"] == "xxh3_64"
+    assert max(n for _, n, _ in ext) == snapshot.EXTENT_MAX and len(ext) >= 3
+    assert sum(n for _, n, _ in ext) >= 150 << 20
+    lazy = snapshot.load(str(path), check_memory=False)
+    assert set(lazy.unchecked) == {0} and len(lazy.unchecked[0][1]) == len(ext)
+    with Machine.from_snapshot(lazy, kvm=kvm) as r:
+        assert r.run(timeout=10).kind == "sync"
+    for off, n, _ in (ext[0], ext[len(ext) // 2], ext[-1]):
+        at = snap.sections["mem.0"].offset + off + n - 1
+        bad = _corrupt(tmp_path, path, lambda d: d.__setitem__(at, d[at] ^ 0x80))
+        lazy = snapshot.load(str(bad), check_memory=False)  # the flip is not looked at here
+        fds = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(SnapshotError, match=f"0x{off:x}..\\+0x{n:x} fails its checksum"):
+            Machine.from_snapshot(lazy, kvm=kvm)
+        assert len(os.listdir("/proc/self/fd")) == fds  # the VM is gone

@@ -1,16 +1,21 @@
 """Snapshot files of a whole VM: memory, irqchip and clock, every vCPU's state, the guest CPUID and
 a fingerprint of the source host.
 
-Format 1.0 (little endian), self-describing and checked before any VM exists:
-  header (4096 bytes): magic "VMMSNAP\\0", u16 major, u16 minor, u32 section count, then per section
+Format 2.0 (little endian), self-describing and checked before the guest runs:
+  header (4096 bytes): magic "VMMSNAP\0", u16 major, u16 minor, u32 section count, then per section
       tag (16 bytes, NUL padded), u64 offset, u64 length, u32 crc32, u32 flags; crc32 of the header's
       first 4092 bytes in its last 4.
   sections at 4096-aligned offsets: "meta" (JSON), "vm" (JSON), "vcpu.N" (JSON VcpuState),
       "mem.N" (guest memory of slot N, byte for byte at its guest offset).
-Memory sections are sparse: zero pages are holes in the file, the non-zero runs ("extents") are
-listed in "meta" with a crc32 each. A restore maps each memory section MAP_PRIVATE (no copy, pages
-load on first touch), so restore time does not grow with guest RAM; verification reads only the
-extents, plus whatever the file system reports as data outside them (which must be zero).
+Memory sections are sparse: zero pages are holes in the file, the non-zero runs are cut into
+extents of at most EXTENT_MAX bytes, listed in "meta" with a checksum each: XXH3-64 (the xxhash
+library; "hash": "xxh3_64", 16 hex digits) in format 2, zlib's crc32 (an integer) in format 1,
+which still loads. A restore maps each memory section MAP_PRIVATE (no copy, pages load on first
+touch), so restore time does not grow with guest RAM; verification reads only the extents, plus
+whatever the file system reports as data outside them (which must be zero).
+Extents are checked in worker threads (the hashes release the GIL), while saving as the bytes are
+written, while restoring alongside the restore's own ioctls and always before restore() returns,
+so before the guest can read a byte; load() checks them itself unless told restore() will.
 Files are written to a temporary file, fsynced and renamed: a failed save leaves an old file intact.
 """
 
@@ -19,6 +24,7 @@ import os
 import struct
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -26,7 +32,9 @@ from dataclasses import dataclass, field
 from .errors import VmmError
 
 MAGIC = b"VMMSNAP\0"
-MAJOR, MINOR = 1, 0
+MAJOR, MINOR = 2, 0
+HASH = "xxh3_64"       # extent checksum of format 2
+EXTENT_MAX = 64 << 20  # extents are cut to this size: the unit of parallel hashing, chunk of I/O
 PAGE = 4096
 HEADER_SIZE = 4096
 _HEAD = struct.Struct("<8sHHI")
@@ -57,6 +65,8 @@ class Snapshot:
     meta: dict
     vm: dict
     vcpus: list = field(default_factory=list)  # VcpuState per vCPU
+    # slot -> (hash function, [(offset, length, checksum)]): extents load() left for restore()
+    unchecked: dict = field(default_factory=dict)
 
     @property
     def memory(self):
@@ -107,6 +117,63 @@ def _extents(mem):
         i = j
 
 
+def _xxh3(buf):
+    """XXH3-64 of a buffer (no copy); the xxhash object releases the GIL for large inputs."""
+    import xxhash
+    h = xxhash.xxh3_64()
+    h.update(buf)
+    return h.intdigest()
+
+
+def _hash_of(major, mem_meta):
+    """(hash function, checksum as stored -> int) for extents of this format."""
+    if major >= 2:
+        if mem_meta.get("hash", HASH) != HASH:
+            raise ValueError(f"unknown extent hash {mem_meta.get('hash')!r}")
+        return _xxh3, lambda v: int(v, 16)
+    return zlib.crc32, int
+
+
+def _pieces(runs):
+    """Runs cut into extents of at most EXTENT_MAX bytes."""
+    return [(o, min(EXTENT_MAX, off + n - o)) for off, n in runs for o in range(off, off + n, EXTENT_MAX)]
+
+
+def _parallel(jobs, workers=None):
+    """Run the callables in `jobs` on worker threads (at most one per CPU, up to 4); returns their
+    results in order, raising the first exception. Meant for work that releases the GIL."""
+    jobs = list(jobs)
+    results, errors = [None] * len(jobs), []
+    n = max(1, min(workers or min(os.cpu_count() or 1, 4), len(jobs)))
+    it = iter(range(len(jobs)))
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                i = next(it, None)
+            if i is None or errors:
+                return
+            try:
+                results[i] = jobs[i]()
+            except BaseException as e:  # handed to the caller
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results, errors
+
+
+def _join(started):
+    threads, results, errors = started
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 class _Progress:
     """A progress line on stderr, only when stderr is a terminal and there is a lot to write."""
 
@@ -127,7 +194,9 @@ class _Progress:
 
 
 def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None):
-    """Write a snapshot of `vm` (its memory slots, irqchip, clock) and the given vCPU states."""
+    """Write a snapshot of `vm` (its memory slots, irqchip, clock) and the given vCPU states.
+    Returns the file size. The extents are hashed on worker threads while this thread writes them
+    (both straight from guest memory, no copy); OSError when the file cannot be written."""
     meta = {
         "format": f"{MAJOR}.{MINOR}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -145,55 +214,67 @@ def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None):
     blobs += [(f"vcpu.{i}", json.dumps(s.to_json()).encode()) for i, s in enumerate(states)]
     mems = []
     for slot, mem in enumerate(vm.memory):
-        runs = _extents(mem)
-        with mem.view as view:  # released here: an open view would keep the mapping from closing
-            ext = [[off, n, zlib.crc32(view[off:off + n])] for off, n in runs]
-        meta["vm"]["memory"].append({"slot": slot, "gpa": mem.gpa, "size": mem.size, "extents": ext})
-        mems.append((f"mem.{slot}", mem, runs))
-    blobs.insert(0, ("meta", json.dumps(meta).encode()))
-    if len(blobs) + len(mems) > MAX_SECTIONS:
-        raise SnapshotError(f"too many sections for format {MAJOR}.{MINOR}: {len(blobs) + len(mems)}")
+        pieces = _pieces(_extents(mem))
+        # hashes are filled in after the memory is written; 16 hex digits keep the JSON's length
+        ext = [[off, n, "0" * 16] for off, n in pieces]
+        meta["vm"]["memory"].append({"slot": slot, "gpa": mem.gpa, "size": mem.size, "hash": HASH,
+                                     "extents": ext})
+        mems.append((f"mem.{slot}", mem, pieces, ext))
+    if len(blobs) + 1 + len(mems) > MAX_SECTIONS:
+        raise SnapshotError(f"too many sections for format {MAJOR}.{MINOR}: {len(blobs) + 1 + len(mems)}")
 
-    # lay out: header, JSON sections, then page-aligned memory sections
-    entries, offset = [], HEADER_SIZE
+    # lay out: header, JSON sections (meta first), then page-aligned memory sections
+    meta_len = len(json.dumps(meta).encode())
+    entries, offset = [("meta", HEADER_SIZE, meta_len, 0, 0)], _align(HEADER_SIZE + meta_len)
     for tag, data in blobs:
         entries.append((tag, offset, len(data), zlib.crc32(data), 0))
         offset = _align(offset + len(data))
-    for tag, mem, _ in mems:
+    for tag, mem, _, _ in mems:
         entries.append((tag, offset, mem.size, 0, FLAG_SPARSE))
         offset = _align(offset + mem.size)
     total = offset
-
-    head = bytearray(HEADER_SIZE)
-    _HEAD.pack_into(head, 0, MAGIC, MAJOR, MINOR, len(entries))
-    for i, (tag, off, n, crc, flags) in enumerate(entries):
-        _ENTRY.pack_into(head, _HEAD.size + i * _ENTRY.size, tag.encode(), off, n, crc, flags)
-    struct.pack_into("<I", head, HEADER_SIZE - 4, zlib.crc32(head[:HEADER_SIZE - 4]))
 
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     umask = os.umask(0)
     os.umask(umask)
+    views = [mem.view for _, mem, _, _ in mems]
     try:
         os.fchmod(fd, 0o666 & ~umask)  # an ordinary file, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            for (tag, data), (_, off, *_rest) in zip(blobs, entries):
-                f.seek(off)
-                f.write(data)
-            progress = _Progress(sum(n for _, _, runs in mems for _, n in runs), "saving guest memory")
-            for (tag, mem, runs), (_, base, *_rest) in zip(mems, entries[len(blobs):]):
-                with mem.view as view:
-                    for off, n in runs:
-                        f.seek(base + off)
-                        for c in range(off, off + n, 16 << 20):  # bounded chunks for the progress line
-                            chunk = view[c:min(c + (16 << 20), off + n)]
-                            f.write(chunk)
-                            progress.add(len(chunk))
-                            chunk.release()
-            f.truncate(total)  # the tail of the last section may be a hole
-            f.flush()
-            os.fsync(f.fileno())
+        hashing = _parallel(lambda v=v, o=o, n=n: _xxh3(v[o:o + n])
+                            for v, (_, _, pieces, _) in zip(views, mems) for o, n in pieces)
+        try:
+            for (tag, data), (_, off, *_rest) in zip(blobs, entries[1:]):
+                os.pwrite(fd, data, off)
+            progress = _Progress(sum(n for _, _, pieces, _ in mems for _, n in pieces), "saving guest memory")
+            for view, (_, _, pieces, _), (_, base, *_rest) in zip(views, mems, entries[1 + len(blobs):]):
+                for off, n in pieces:
+                    chunk = view[off:off + n]
+                    done = 0
+                    while done < n:
+                        done += os.pwrite(fd, chunk[done:], base + off + done)
+                    chunk.release()
+                    progress.add(n)
+        finally:
+            hashes = _join(hashing)
+        it = iter(hashes)
+        for _, _, _, ext in mems:
+            for e in ext:
+                e[2] = f"{next(it):016x}"
+        meta_data = json.dumps(meta).encode()
+        assert len(meta_data) == meta_len  # fixed-width hashes: the layout holds
+        entries[0] = ("meta", HEADER_SIZE, meta_len, zlib.crc32(meta_data), 0)
+        head = bytearray(HEADER_SIZE)
+        _HEAD.pack_into(head, 0, MAGIC, MAJOR, MINOR, len(entries))
+        for i, (tag, off, n, crc, flags) in enumerate(entries):
+            _ENTRY.pack_into(head, _HEAD.size + i * _ENTRY.size, tag.encode(), off, n, crc, flags)
+        struct.pack_into("<I", head, HEADER_SIZE - 4, zlib.crc32(head[:HEADER_SIZE - 4]))
+        os.pwrite(fd, head, 0)
+        os.pwrite(fd, meta_data, HEADER_SIZE)
+        os.ftruncate(fd, total)  # the tail of the last section may be a hole
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
         os.replace(tmp, path)
         dfd = os.open(directory, os.O_RDONLY)
         try:
@@ -201,9 +282,14 @@ def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None):
         finally:
             os.close(dfd)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        for v in views:  # an open view would keep the mapping from closing
+            v.release()
     return total
 
 
@@ -271,42 +357,64 @@ def _json_section(f, sec, path):
 
 
 def _data_ranges(fd, start, end):
-    """Ranges the file system holds as data within [start, end) (SEEK_DATA/SEEK_HOLE)."""
+    """Ranges the file system holds as data within [start, end) (SEEK_DATA/SEEK_HOLE). The fd's
+    offset is put back: a buffered reader on it keeps its own idea of where it is."""
     out, pos = [], start
-    while pos < end:
-        try:
-            d = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break  # ENXIO: no data after pos
-        if d >= end:
-            break
-        h = min(os.lseek(fd, d, os.SEEK_HOLE), end)
-        out.append((d, h))
-        pos = h
+    saved = os.lseek(fd, 0, os.SEEK_CUR)
+    try:
+        while pos < end:
+            try:
+                d = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break  # ENXIO: no data after pos
+            if d >= end:
+                break
+            h = min(os.lseek(fd, d, os.SEEK_HOLE), end)
+            out.append((d, h))
+            pos = h
+    finally:
+        os.lseek(fd, saved, os.SEEK_SET)
     return out
 
 
-def _verify_memory(f, sec, mem_meta, path):
-    """crc of every recorded extent; everything else in the section must read as zero."""
+def _check_extents(sec, mem_meta, path):
+    """The recorded extents, validated against the section: [(offset, length, checksum)]."""
     size = mem_meta["size"]
     if sec.length != size:
         raise SnapshotError(f"{path}: memory slot {mem_meta['slot']}: section is {sec.length} bytes, "
                             f"meta says {size}")
-    covered = []
+    out, end = [], 0
     for off, n, crc in mem_meta["extents"]:
-        if off < 0 or n <= 0 or off + n > size or off % PAGE:
+        if off < 0 or n <= 0 or off + n > size or off % PAGE or off < end:
             raise SnapshotError(f"{path}: memory slot {mem_meta['slot']}: bad extent {off}+{n}")
-        f.seek(sec.offset + off)
-        if zlib.crc32(f.read(n)) != crc:
-            raise SnapshotError(f"{path}: guest memory at 0x{mem_meta['gpa'] + off:x}..+0x{n:x} fails its "
+        out.append((off, n, crc))
+        end = off + n
+    return out
+
+
+def _extent_list(major, sec, mem_meta, path):
+    """(hash function, [(offset, length, expected checksum)]) of one memory section."""
+    fn, stored = _hash_of(major, mem_meta)
+    return fn, [(off, n, stored(crc)) for off, n, crc in _check_extents(sec, mem_meta, path)]
+
+
+def _extent_jobs(fn, extents, view, gpa, path):
+    """One callable per extent that checks it in `view` (the section's bytes, no copy)."""
+    def job(off, n, want):
+        if fn(view[off:off + n]) != want:
+            raise SnapshotError(f"{path}: guest memory at 0x{gpa + off:x}..+0x{n:x} fails its "
                                 "checksum: the file is corrupt")
-        covered.append((sec.offset + off, sec.offset + off + n))
-    # bytes the file system stores outside the extents must be zero (a flipped byte in a hole)
+    return [lambda a=e: job(*a) for e in extents]
+
+
+def _check_unrecorded(f, sec, mem_meta, path):
+    """Bytes the file system stores outside the extents must be zero (a flipped byte in a hole)."""
+    size = mem_meta["size"]
     try:
         ranges = _data_ranges(f.fileno(), sec.offset, sec.offset + size)
     except OSError:
         ranges = [(sec.offset, sec.offset + size)]
-    covered.sort()
+    covered = sorted((sec.offset + off, sec.offset + off + n) for off, n, _ in mem_meta["extents"])
     for d0, d1 in ranges:
         pos = d0
         for c0, c1 in covered:
@@ -317,6 +425,18 @@ def _verify_memory(f, sec, mem_meta, path):
             pos = max(pos, c1)
         if pos < d1:
             _check_zero(f, pos, d1, sec, mem_meta, path)
+
+
+def _verify_extents(f, sec, mem_meta, fn, extents):
+    """Every recorded extent against its checksum, read through a mapping of the file on worker
+    threads."""
+    import mmap
+    with mmap.mmap(f.fileno(), sec.length, prot=mmap.PROT_READ, offset=sec.offset) as mm:
+        view = memoryview(mm)
+        try:
+            _join(_parallel(_extent_jobs(fn, extents, view, mem_meta["gpa"], f.name)))
+        finally:
+            view.release()
 
 
 def _check_zero(f, a, b, sec, mem_meta, path):
@@ -333,8 +453,13 @@ def _check_zero(f, a, b, sec, mem_meta, path):
         left -= len(chunk)
 
 
-def load(path):
-    """Read and validate a snapshot file completely; touches no KVM. Raises SnapshotError."""
+def load(path, check_memory=True):
+    """Read and validate a snapshot file; touches no KVM. Raises SnapshotError.
+
+    Everything is checked here, except, with check_memory=False, the checksums of the memory
+    extents: restore() then checks them on worker threads alongside its own work, before it returns
+    (so before the guest runs). The layout of the extents and the zero bytes outside them are
+    checked either way."""
     from .state import VcpuState
     from .errors import StateError
     try:
@@ -366,15 +491,21 @@ def load(path):
                 vcpus.append(VcpuState.from_json(_json_section(f, sec, path)))
             except StateError as e:
                 raise SnapshotError(f"{path}: vCPU {i}: {e}") from None
+        unchecked = {}
         for m in memory:
             sec = sections.get(f"mem.{m['slot']}")
             if sec is None:
                 raise SnapshotError(f"{path}: memory slot {m['slot']} has no section")
             try:
-                _verify_memory(f, sec, m, path)
+                fn, extents = _extent_list(major, sec, m, path)
+                _check_unrecorded(f, sec, m, path)
             except (TypeError, ValueError) as e:
                 raise SnapshotError(f"{path}: memory slot {m['slot']}: malformed extents ({e})") from None
-    return Snapshot(path, major, minor, sections, meta, vm, vcpus)
+            if check_memory:
+                _verify_extents(f, sec, m, fn, extents)
+            else:
+                unchecked[m["slot"]] = (fn, extents)
+    return Snapshot(path, major, minor, sections, meta, vm, vcpus, unchecked)
 
 
 # --- destination checks --------------------------------------------------------------------------
@@ -441,21 +572,34 @@ def restore(snap, kvm):
     try:
         if snap.meta["vm"]["irqchip"]:
             vm.create_irqchip()
+        jobs, views = [], []
         with open(snap.path, "rb") as f:  # each mapping keeps its own reference to the file
             for m in snap.memory:
                 sec = snap.sections[f"mem.{m['slot']}"]
-                vm.add_memory(m["size"], m["gpa"], fileobj=f, file_offset=sec.offset)
-        for chip, raw in snap.vm.get("irqchip", {}).items():
-            vm.set_irqchip(bytes.fromhex(raw))
-        if "pit" in snap.vm:
-            vm.create_pit2()
-            vm.set_pit2(bytes.fromhex(snap.vm["pit"]))
-        vcpus = []
-        for i, s in enumerate(snap.vcpus):
-            v = vm.create_vcpu()
-            restore_state(v, s)
-            vcpus.append(v)
-        vm.set_clock(snap.vm["clock"])
+                mem = vm.add_memory(m["size"], m["gpa"], fileobj=f, file_offset=sec.offset)
+                if m["slot"] in snap.unchecked:  # the very mapping the guest gets
+                    fn, extents = snap.unchecked[m["slot"]]
+                    views.append(mem.view)
+                    jobs += _extent_jobs(fn, extents, views[-1], m["gpa"], snap.path)
+        checking = _parallel(jobs)  # alongside the ioctls below; joined before the guest can run
+        try:
+            for chip, raw in snap.vm.get("irqchip", {}).items():
+                vm.set_irqchip(bytes.fromhex(raw))
+            if "pit" in snap.vm:
+                vm.create_pit2()
+                vm.set_pit2(bytes.fromhex(snap.vm["pit"]))
+            vcpus = []
+            for i, s in enumerate(snap.vcpus):
+                v = vm.create_vcpu()
+                restore_state(v, s)
+                vcpus.append(v)
+            vm.set_clock(snap.vm["clock"])
+        finally:
+            try:
+                _join(checking)
+            finally:
+                for v in views:
+                    v.release()
     except BaseException:
         vm.close()
         raise
