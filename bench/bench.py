@@ -46,13 +46,18 @@ PORT_ADDR = runtime.SCRATCH_BASE + 8       # and the port it writes to here
 PORT_IGNORED = 0x510                       # a port the vmm run loop handles (ignores) itself
 PORT_SYNC = 0x500
 
+# Every target is a ratio to a floor measured in the same run (a fixed time means nothing across hosts)
 TARGETS = {
     "fast_vs_floor": 0.75,      # (fast save + fast restore) / (floor save + floor restore)
-    "python_vs_floor": 1.3,     # (Python save + Python restore) / floor
-    "pio_vs_c": 1.3,            # vmm run loop port-I/O exit / C loop
-    "restore_1g_ms": 50.0,      # 1 GiB snapshot, restore to the first guest instruction
-    "cold_start_ms": 150.0,     # `vmm run`, process start to DONE
+    "python_vs_floor": 1.3,     # (Python save + Python restore) / floor, the fast path's plan
+    "general_vs_floor": 1.0,    # (state.save_state + state.restore_state) / floor
+    "pio_vs_c": 1.15,           # vmm run loop port-I/O exit / C loop
+    "cold_start_vs_python": 2.0,  # (`vmm run` to DONE - the guest's own run time) / `python -c pass`
+    "import_cli_ms": 40.0,      # python -X importtime: vmm.cli, cumulative (click included)
+    "save_vs_write": 1.3,       # snapshot.save / plain write + fsync of the same bytes (largest, filled)
+    "restore_vs_read": 1.3,     # (load + restore to the 1st instruction - 50 ms) / plain read of the file
 }
+RESTORE_ALLOWANCE_NS = 50_000_000  # the 50 ms of the restore target
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -70,6 +75,9 @@ def build():
     floor = BUILD / "floor"
     if not floor.exists() or floor.stat().st_mtime < (HERE / "floor.c").stat().st_mtime:
         run(["gcc", "-O2", "-Wall", "-o", str(floor), str(HERE / "floor.c")])
+    iofloor = BUILD / "iofloor"
+    if not iofloor.exists() or iofloor.stat().st_mtime < (HERE / "iofloor.c").stat().st_mtime:
+        run(["gcc", "-O2", "-Wall", "-o", str(iofloor), str(HERE / "iofloor.c")])
     return guest, floor
 
 
@@ -229,12 +237,21 @@ def bench_state_and_pio(guest, floor, quick):
 
 
 def bench_cold_start(quick):
+    """`vmm run` (the hello guest) from process start to "done" on its stdout, against `python -c
+    pass` of the same interpreter, interleaved; the guest's own run time (Machine("hello") built and
+    run to DONE in this, warm, process); and `python -X importtime -c "import vmm.cli"`. Runs with
+    the bytecode cache on, as an installed vmm has it (PYTHONDONTWRITEBYTECODE is dropped; the
+    warm-up run writes the cache)."""
     vmm = ROOT / ".venv" / "bin" / "vmm"
-    cmd = [str(vmm), "run"] if vmm.exists() else [sys.executable, "-m", "vmm.cli", "run"]
-    to_done, to_exit = [], []
-    for _ in range(3 if quick else 10):
+    py = ROOT / ".venv" / "bin" / "python"
+    py = str(py) if py.exists() else sys.executable
+    cmd = [str(vmm), "run"] if vmm.exists() else [py, "-m", "vmm.cli", "run"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    to_done, to_exit, bare, imports, guest = [], [], [], [], []
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, cwd=ROOT, env=env)  # warm-up: page cache, bytecode
+    for _ in range(5 if quick else 15):
         t0 = time.perf_counter_ns()
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT, env=env)
         t_done = None
         for line in p.stdout:
             if line.strip() == b"done":
@@ -245,16 +262,34 @@ def bench_cold_start(quick):
             sys.exit(f"bench: {' '.join(cmd)} failed (status {p.returncode})")
         to_done.append(t_done - t0)
         to_exit.append(t_exit - t0)
+        t0 = time.perf_counter_ns()
+        subprocess.run([py, "-c", "pass"], cwd=ROOT, env=env, check=True)
+        bare.append(time.perf_counter_ns() - t0)
+        out = subprocess.run([py, "-X", "importtime", "-c", "import vmm.cli"], cwd=ROOT, env=env,
+                             capture_output=True, text=True).stderr
+        cum = [int(line.split("|")[1]) for line in out.splitlines() if line.rstrip().endswith("| vmm.cli")]
+        imports.extend(c * 1000 for c in cum)
+        t0 = time.perf_counter_ns()
+        with Machine("hello") as m:
+            assert isinstance(m.run(timeout=10), Done)
+        guest.append(time.perf_counter_ns() - t0)
     return {"cmd": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
-            "to_done": stats(to_done), "to_exit": stats(to_exit)}
+            "to_done": stats(to_done), "to_exit": stats(to_exit), "python_pass": stats(bare),
+            "guest_run": stats(guest), "import_cli": stats(imports)}
+
+
+def iofloor(*args):
+    return json.loads(run([str(BUILD / "iofloor"), *map(str, args)]))["ns"]
 
 
 def bench_snapshots(quick, directory):
     """`sync` guest at SYNC 0x11 with 64 MiB..1 GiB of RAM, in two fillings: every page non-zero
     (the guest's own pages, a pattern everywhere else) and as booted (only what the guest wrote).
-    snapshot.save (MB/s of guest RAM), snapshot.load (reads and checks every checksum), then
-    Machine.from_snapshot up to the guest's first exit: its next SYNC, right after its first
-    instructions. Snapshot files are written to `directory` and deleted."""
+    snapshot.save (MB/s of guest RAM) against the write floor (bench/iofloor.c: the same bytes
+    written and fsynced by plain C), then snapshot.load + Machine.from_snapshot up to the guest's
+    first exit (its next SYNC, right after its first instructions; every stored byte is checked
+    before it) against the read floor (a plain read of the file, in the page cache). Snapshot files
+    are written to `directory` and deleted."""
     sizes = [64 << 20, 256 << 20] if quick else [64 << 20, 256 << 20, 1 << 30]
     chunk = (bytes(range(1, 256)) * ((16 << 20) // 255 + 1))[:16 << 20]
     out = []
@@ -275,10 +310,14 @@ def bench_snapshots(quick, directory):
                 row["save_ns"] = time.perf_counter_ns() - t0
             row["save_mb_s"] = size / (1 << 20) / (row["save_ns"] / 1e9)
             row["stored_bytes"] = os.stat(path).st_blocks * 512
-            loads, restores = [], []
+            copy = path + ".floor"
+            row["write_floor_ns"] = iofloor("write", path, copy)
+            os.unlink(copy)
+            loads, restores, totals, reads = [], [], [], []
             for _ in range(2 if (filled and size >= (1 << 30)) or quick else 3):
+                reads.append(iofloor("read", path))
                 t0 = time.perf_counter_ns()
-                snap = snapshot.load(path)
+                snap = snapshot.load(path, check_memory=False)  # as `vmm restore` does
                 t1 = time.perf_counter_ns()
                 with Machine.from_snapshot(snap) as r:
                     ev = r.run(timeout=10)
@@ -287,8 +326,11 @@ def bench_snapshots(quick, directory):
                     assert r.run(timeout=10) == Sync(0, 0x33) and isinstance(r.run(timeout=10), Done)
                 loads.append(t1 - t0)
                 restores.append(t2 - t1)
+                totals.append(t2 - t0)
             row["load"] = stats(loads)
             row["restore_to_first_insn"] = stats(restores)
+            row["load_and_restore"] = stats(totals)
+            row["read_floor"] = stats(reads)
             os.unlink(path)
             out.append(row)
     return out
@@ -296,47 +338,60 @@ def bench_snapshots(quick, directory):
 
 # --- report --------------------------------------------------------------------------------------
 def host_info():
-    model = ""
+    cpu = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
+            k, _, v = line.partition(":")
+            k = k.strip()
+            if k in ("model name", "cpu family", "model", "stepping", "vendor_id") and k not in cpu:
+                cpu[k] = v.strip()
+            if not line.strip() and cpu:
                 break
     except OSError:
         pass
+    kvm = ("kvm_pvm" if os.path.isdir("/sys/module/kvm_pvm") else
+           "kvm_amd" if os.path.isdir("/sys/module/kvm_amd") else
+           "kvm_intel" if os.path.isdir("/sys/module/kvm_intel") else "kvm")
+    family = int(cpu.get("cpu family", "0") or 0)
+    model = int(cpu.get("model", "0") or 0)
     return {
         "kernel": platform.release(),
-        "cpu": model,
+        "cpu": cpu.get("model name", ""),
+        "vendor": cpu.get("vendor_id", ""),
+        "family_model": f"family 0x{family:x} model 0x{model:x} stepping {cpu.get('stepping', '?')}",
         "cpus": os.cpu_count(),
-        "kvm": "kvm_pvm" if os.path.isdir("/sys/module/kvm_pvm") else
-               "kvm_amd" if os.path.isdir("/sys/module/kvm_amd") else
-               "kvm_intel" if os.path.isdir("/sys/module/kvm_intel") else "kvm",
+        "kvm": kvm,
+        "pvm": kvm == "kvm_pvm",
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
 
 def evaluate(r):
+    """Each target: the ratio to its floor in this run (mins where noise only adds; medians for
+    the one-shot process and file timings)."""
     f = r["floor"]
     floor_sr = f["save"]["min_ns"] + f["restore"]["min_ns"]
     t = {}
 
-    def add(name, value, limit, unit):
+    def add(name, value, limit, unit="x"):
         t[name] = {"value": round(value, 3), "target": limit, "unit": unit, "met": value <= limit}
     add("fast_vs_floor", (r["fast"]["save"]["min_ns"] + r["fast"]["restore"]["min_ns"]) / floor_sr,
-        TARGETS["fast_vs_floor"], "x")
+        TARGETS["fast_vs_floor"])
     add("python_vs_floor", (r["python"]["save"]["min_ns"] + r["python"]["restore"]["min_ns"]) / floor_sr,
-        TARGETS["python_vs_floor"], "x")
-    add("general_python_vs_floor",
-        (r["general"]["save"]["min_ns"] + r["general"]["restore"]["min_ns"]) / floor_sr,
-        TARGETS["python_vs_floor"], "x")
-    add("pio_vs_c", r["pio_loop"]["min_ns"] / f["pio_exit"]["min_ns"], TARGETS["pio_vs_c"], "x")
+        TARGETS["python_vs_floor"])
+    add("general_vs_floor", (r["general"]["save"]["min_ns"] + r["general"]["restore"]["min_ns"]) / floor_sr,
+        TARGETS["general_vs_floor"])
+    add("pio_vs_c", r["pio_loop"]["min_ns"] / f["pio_exit"]["min_ns"], TARGETS["pio_vs_c"])
+    cs = r["cold_start"]
+    add("cold_start_vs_python", (cs["to_done"]["median_ns"] - cs["guest_run"]["median_ns"])
+        / cs["python_pass"]["median_ns"], TARGETS["cold_start_vs_python"])
+    add("import_cli_ms", cs["import_cli"]["median_ns"] / 1e6, TARGETS["import_cli_ms"], "ms")
     top = max(s["ram_bytes"] for s in r["snapshots"])
-    worst = max((s for s in r["snapshots"] if s["ram_bytes"] == top),
-                key=lambda s: s["restore_to_first_insn"]["median_ns"])
-    add(f"restore_{top >> 20}m_ms", worst["restore_to_first_insn"]["median_ns"] / 1e6,
-        TARGETS["restore_1g_ms"], "ms")
-    add("cold_start_ms", r["cold_start"]["to_done"]["median_ns"] / 1e6, TARGETS["cold_start_ms"], "ms")
+    big = next(s for s in r["snapshots"] if s["ram_bytes"] == top and s["filled"])
+    add("save_vs_write", big["save_ns"] / big["write_floor_ns"], TARGETS["save_vs_write"])
+    add("restore_vs_read", (big["load_and_restore"]["median_ns"] - RESTORE_ALLOWANCE_NS)
+        / big["read_floor"]["median_ns"], TARGETS["restore_vs_read"])
     return t
 
 
@@ -356,8 +411,11 @@ def table(r):
     f = r["floor"]
     h = r["host"]
     io = r["ioctls"]
-    lines = [f"vmm bench: {h['cpu']} ({h['cpus']} CPUs), Linux {h['kernel']}, {h['kvm']}, "
-             f"Python {h['python']}, {h['date']}",
+    lines = [f"vmm bench: {h['cpu']} ({h['vendor']} {h['family_model']}, {h['cpus']} CPUs), "
+             f"Linux {h['kernel']}, {h['kvm']} ({'PVM' if h['pvm'] else 'not PVM'}), Python {h['python']}, "
+             f"{h['date']}",
+             f"one vCPU ioctl (KVM_GET_MP_STATE) here: {us(f['ioctl']['min_ns'])} min, "
+             f"{us(f['ioctl']['median_ns'])} median",
              f"vCPU state of the bench guest at SYNC 1: {f['nmsrs']} MSRs, XSAVE {f['xsave_size']} bytes, "
              "LAPIC (in-kernel irqchip); CPUID and TSC kHz are per-vCPU constants, in no row",
              "",
@@ -387,23 +445,30 @@ def table(r):
     lines.append(f"cold start: `{cs['cmd']}`")
     row("  (e) process start to \"done\" on stdout", cs["to_done"], fmt=ms)
     row("  (e) process start to exit", cs["to_exit"], fmt=ms)
-    lines.append("snapshots (`sync` guest at SYNC 0x11; MB/s of guest RAM; load = read + check every "
-                 "checksum; restore = Machine.from_snapshot to the guest's first exit)")
-    lines.append(f"  {'RAM':>8} {'filling':<12} {'stored':>9} {'save':>10} {'MB/s':>7} {'load':>10} "
-                 f"{'restore min':>12} {'median':>10}")
+    row("  (e) floor: `python -c pass`", cs["python_pass"], fmt=ms)
+    row("  (e) the guest's own run time (warm, in process)", cs["guest_run"], fmt=ms)
+    row("  (e) python -X importtime: vmm.cli", cs["import_cli"], fmt=ms)
+    lines.append("snapshots (`sync` guest at SYNC 0x11; MB/s of guest RAM; write floor = the same bytes "
+                 "written + fsynced by C; restore = snapshot.load + Machine.from_snapshot to the guest's "
+                 "first exit, every stored byte checked; read floor = plain read of the file, cached)")
+    lines.append(f"  {'RAM':>8} {'filling':<10} {'stored':>8} {'save':>9} {'MB/s':>6} {'write fl.':>9} "
+                 f"{'load':>8} {'restore':>9} {'read fl.':>9}")
     for s in r["snapshots"]:
-        lines.append(f"  {s['ram_bytes'] >> 20:>4} MiB {'all pages' if s['filled'] else 'as booted':<12} "
-                     f"{size_str(s['stored_bytes']):>9} {ms(s['save_ns']):>10} {s['save_mb_s']:>7.0f} "
-                     f"{ms(s['load']['min_ns']):>10} {ms(s['restore_to_first_insn']['min_ns']):>12} "
-                     f"{ms(s['restore_to_first_insn']['median_ns']):>10}")
-    lines.append("targets")
+        lines.append(f"  {s['ram_bytes'] >> 20:>4} MiB {'all pages' if s['filled'] else 'as booted':<10} "
+                     f"{size_str(s['stored_bytes']):>8} {ms(s['save_ns']):>9} {s['save_mb_s']:>6.0f} "
+                     f"{ms(s['write_floor_ns']):>9} {ms(s['load']['median_ns']):>8} "
+                     f"{ms(s['load_and_restore']['median_ns']):>9} {ms(s['read_floor']['median_ns']):>9}")
+    lines.append("targets (ratios within this run)")
     names = {"fast_vs_floor": "fast path save + restore vs floor (min)",
              "python_vs_floor": "Python (fast-path plan) save + restore vs floor",
-             "general_python_vs_floor": "Python (state.save/restore_state) vs floor",
+             "general_vs_floor": "state.save_state + restore_state vs floor (min)",
              "pio_vs_c": "vmm run loop port-I/O exit vs C loop (min)",
-             "cold_start_ms": "`vmm run` cold start (median)"}
+             "cold_start_vs_python": "`vmm run` to done - guest run, vs python -c pass",
+             "import_cli_ms": "import vmm.cli (-X importtime, median)",
+             "save_vs_write": "largest filled snapshot save vs write floor",
+             "restore_vs_read": "its load + restore - 50 ms, vs read floor"}
     for k, t in r["targets"].items():
-        label = names.get(k, f"restore of a {k.split('_')[1].upper()} snapshot to 1st insn (median, worst)")
+        label = names[k]
         lines.append(f"  {label:52} {t['value']:8.2f} {t['unit']:<2} (target <= {t['target']}{t['unit']})  "
                      f"{'met' if t['met'] else 'MISSED'}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@
  *            KVM_SET_SREGS, KVM_SET_LAPIC, KVM_SET_MSRS (TSC deadline last), KVM_SET_XCRS,
  *            KVM_SET_XSAVE, KVM_SET_VCPU_EVENTS, KVM_SET_MP_STATE, KVM_SET_DEBUGREGS, KVM_SET_REGS.
  *   pio:     KVM_RUN round trips of the guest's port-write loop (exit, check the port, re-enter).
+ *   ioctl:   one KVM_GET_MP_STATE, the cost of a cheap vCPU ioctl on this host.
  *
  * Every loop is bounded by a count and by time. Output: one JSON object on stdout, times in ns.
  *
@@ -298,6 +299,16 @@ int main(int argc, char **argv)
 		n++;
 	}
 
+	/* the cost of one cheap vCPU ioctl on this host (KVM_GET_MP_STATE), for comparing hosts */
+	size_t nio = iters < 1000 ? 1000 : iters;
+	uint64_t *t_ioctl = calloc(nio, 8);
+	struct kvm_mp_state mp;
+	for (size_t i = 0; i < nio; i++) {
+		uint64_t t0 = now_ns();
+		xioctl(v.vcpu, KVM_GET_MP_STATE, &mp, "KVM_GET_MP_STATE");
+		t_ioctl[i] = now_ns() - t0;
+	}
+
 	/* port I/O: the guest writes pio_exits times to port 0x510, then SYNC 2 */
 	uint64_t *t_pio = calloc(pio_batches + 1, 8);
 	size_t nb = 0;
@@ -317,6 +328,7 @@ int main(int argc, char **argv)
 	stats("save", t_save, n, 0);
 	stats("restore", t_restore, n, 0);
 	stats("cycle", t_cycle, n, 0);
+	stats("ioctl", t_ioctl, nio, 0);
 	stats("pio_exit", t_pio, nb, 1);
 	printf("}\n");
 	return 0;
