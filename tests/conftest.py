@@ -31,6 +31,31 @@ def pytest_configure(config):
         AMX_PERMISSION_ERROR = e
 
 
+def required_features():
+    """VMM_REQUIRE=AVX512F,AMX,...: features this CI host must have, so tests that need them fail
+    instead of skipping (VMM_REQUIRE_AMX=1 is the same as listing AMX)."""
+    names = {n.strip().upper() for n in os.environ.get("VMM_REQUIRE", "").split(",") if n.strip()}
+    if os.environ.get("VMM_REQUIRE_AMX") == "1":
+        names.add("AMX")
+    return names
+
+
+def lacking(feature, reason):
+    """The host lacks `feature`: skip with the reason, or fail where VMM_REQUIRE lists it."""
+    if feature.upper() in required_features():
+        pytest.fail(f"VMM_REQUIRE lists {feature}: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs_xcr0(kvm, feature, mask):
+    """Skip (or fail, see lacking) unless KVM's supported XCR0 here has every bit of `mask`."""
+    supported = kvm.get_supported_cpuid().xcr0_supported()
+    if mask & ~supported:
+        lacking(feature, f"this host's KVM supports XCR0 {supported:#x}, without {feature} "
+                         f"(XCR0 bits {mask & ~supported:#x})")
+    return supported
+
+
 def _require_kvm():
     if os.path.exists(DEVICE) and os.access(DEVICE, os.R_OK | os.W_OK):
         return

@@ -6,7 +6,6 @@ gating, and the CLI."""
 
 import errno
 import json
-import os
 import subprocess
 import sys
 
@@ -48,10 +47,7 @@ def _amx_problems(kvm):
 def amx_host(kvm):
     problems = _amx_problems(kvm)
     if problems:
-        msg = "no AMX on this host: " + problems[0]  # the request's errno when it failed
-        if os.environ.get("VMM_REQUIRE_AMX") == "1":
-            pytest.fail(f"VMM_REQUIRE_AMX=1: {msg}", pytrace=False)
-        pytest.skip(msg)
+        conftest.lacking("AMX", "no AMX on this host: " + problems[0])  # the request's errno when it failed
 
 
 # -- every host --------------------------------------------------------------------------------

@@ -194,9 +194,7 @@ def test_amx_guest_snapshot_restores_in_a_fresh_process(tmp_path, kvm):
     else:
         problems = amx.host_problems(kvm.get_supported_cpuid(), amx.get_xcomp_supp())
     if problems:
-        if os.environ.get("VMM_REQUIRE_AMX") == "1":
-            pytest.fail(f"VMM_REQUIRE_AMX=1: no AMX on this host: {problems[0]}", pytrace=False)
-        pytest.skip(f"no AMX on this host: {problems[0]}")
+        conftest.lacking("AMX", f"no AMX on this host: {problems[0]}")
     path = tmp_path / "amx.snap"
     r = vmm("snapshot", "amx", "--amx", "-o", str(path))
     assert r.returncode == 0, r.stderr

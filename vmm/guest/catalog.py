@@ -28,6 +28,29 @@ def build_dir():
     return SOURCE_DIR if SOURCE_DIR == PACKAGED_DIR else SOURCE_DIR / "build"
 
 
+@dataclass(frozen=True)
+class Requirement:
+    """What a guest's instructions need from the vCPU: XSAVE components (an XCR0 bit mask) that
+    must be enabled, named by the CPUID feature that introduces them. The components decide:
+    an instruction of a component the vCPU's XCR0 does not enable raises #UD (SDM vol. 1,
+    13.3), whatever the feature flags say (kvm_pvm hosts do not list AVX-512 flags at all)."""
+    feature: str
+    xcr0: int
+    hint: str = ""
+
+    def __str__(self):
+        return f"{self.feature} (XCR0 {self.xcr0:#x})"
+
+
+# A guest's requirements, checked before its VM is created (Image.missing). Guests not listed
+# adapt to the vCPU they get (guests/xstate.inc) or need nothing beyond x87/SSE.
+REQUIREMENTS = {
+    "avx512": (Requirement("AVX512F", 0xE0, "the adaptive guests (checkpoint, xsave-readback) "
+                                            "fill whatever XSAVE state this host has"),),
+    "amx": (Requirement("AMX-TILE", 0x60000, "give --amx, on a host whose KVM offers AMX"),),
+}
+
+
 @dataclass
 class Image:
     """A payload: flat `code` at PAYLOAD_BASE, or ELF `segments` (elf.Segment) with its `entry`."""
@@ -67,6 +90,12 @@ class Image:
             if s.addr < stacks[1] and end > stacks[0]:
                 raise GuestError(f"guest {self.name!r}: segment 0x{s.addr:x}..0x{end:x} overlaps the vCPU user "
                                  f"stacks at 0x{stacks[0]:x}..0x{stacks[1]:x}")
+    requires: tuple = ()
+
+    def missing(self, xcr0_supported):
+        """The requirements that `xcr0_supported` (bit mask of XSAVE components the vCPU can be
+        given) does not meet."""
+        return [r for r in self.requires if r.xcr0 & ~xcr0_supported]
 
 
 def _symbols(path):
@@ -127,4 +156,4 @@ def load(name_or_path):
     if not path.is_file():
         raise GuestError(f"guest {name_or_path!r} is not built ({path} missing): run `make guests`")
     return Image(name_or_path, path.read_bytes(), _symbols(path.with_suffix(".sym")),
-                 _description(name_or_path))
+                 _description(name_or_path), REQUIREMENTS.get(name_or_path, ()))

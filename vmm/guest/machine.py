@@ -1,6 +1,9 @@
 """Machine: a VM with the guest runtime installed and vCPUs ready at the payload's entry."""
 
+import errno
+
 from .. import kvm as kvm_mod
+from ..errors import KvmError
 from .._bindings import lib
 from ..xsave_layout import XTILECFG, XTILEDATA
 from . import catalog, runtime
@@ -46,11 +49,13 @@ class Machine:
         self._own_kvm = kvm is None
         self.kvm = kvm or kvm_mod.Kvm(device)
         self.amx = None
+        self.notes = []  # what the host did not allow and vmm worked around, for the reports
         try:
             if amx:  # AMX guest permission must precede the first vCPU (vmm/amx.py)
                 from ..amx import enable as enable_amx
                 self.amx = enable_amx(self.kvm, xcr0)
                 cpuid = self.amx.guest_cpuid if cpuid is None else cpuid
+            self._check_requirements()
             self.vm = self.kvm.create_vm()
             if irqchip:
                 self.vm.create_irqchip()
@@ -71,17 +76,44 @@ class Machine:
             self.close()
             raise
 
+    def _check_requirements(self):
+        """Refuse, before any VM exists, a guest whose instructions need XSAVE components this
+        host's KVM cannot give (KVM_GET_SUPPORTED_CPUID leaf 0xD; AMX only with --amx)."""
+        supported = (self.amx.guest_cpuid if self.amx else self.kvm.get_supported_cpuid()).xcr0_supported()
+        if not self.amx:
+            supported &= ~XCR0_XTILE
+        missing = self.image.missing(supported)
+        if missing:
+            from ..errors import GuestError
+            from ..xsave_layout import mask_names
+            r = missing[0]
+            raise GuestError(f"guest {self.image.name!r} needs {r.feature} (XSAVE components "
+                             f"{mask_names(r.xcr0)}); this host's KVM supports XCR0 {supported:#x} "
+                             f"({mask_names(supported)}){': ' + r.hint if r.hint else ''}")
+
     def setup_vcpu(self, vcpu, index):
         # Guest CPUID first: KVM validates CR4 and XCR0 against it. Each vCPU has its own APIC ID.
         vcpu.set_cpuid2(self.cpuid.with_apic_id(index))
         xsave = self.cpuid.has("XSAVE")
         st = runtime.entry_state(self.cpl, xsave=xsave, base_sregs=vcpu.get_sregs(),
                                  stack_top=runtime.USER_STACK_TOP - index * catalog.STACK_BYTES,
-                                 entry=self.image.entry)
+                                 entry=self.image.entry, pke=self.cpuid.has("PKU"))
         st.regs.rsi = index  # the payload learns its vCPU index from %rsi
-        vcpu.set_sregs(st.sregs)
+        # ... and the XCR0 it was given from %rdx: where guest CPL3 code runs under the host's XCR0
+        # (kvm_pvm), XGETBV cannot tell it (guests/xstate.inc)
+        st.regs.rdx = self.xcr0 if xsave else XCR0_X87_SSE
+        try:
+            vcpu.set_sregs(st.sregs)
+        except KvmError as e:
+            if not st.sregs.cr4 & runtime.CR4_PKE or e.errno != errno.EINVAL:
+                raise
+            # KVM refused CR4.PKE although the guest CPUID lists PKU: run without it, and say so
+            st.sregs.cr4 &= ~runtime.CR4_PKE
+            vcpu.set_sregs(st.sregs)
+            self.notes.append("KVM_SET_SREGS refused CR4.PKE (guest CPUID has PKU): the guest runs "
+                              "without it, so it cannot use PKRU")
         vcpu.set_regs(st.regs)
-        if xsave and self.xcr0 & ~XCR0_X87_SSE:
+        if xsave:  # KVM's reset XCR0 is x87 alone (1): the guest gets what was asked, SSE too
             vcpu.set_xcrs({0: self.xcr0})
         if index:
             # with an in-kernel LAPIC, APs wait for INIT/SIPI; ours start at the entry like the BSP

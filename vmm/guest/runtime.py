@@ -38,7 +38,7 @@ TSS_LIMIT = TSS_IOMAP_BASE + 8192  # bitmap for 65536 ports, then one 0xff termi
 
 # Architectural bits
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1 << 0, 1 << 1, 1 << 4, 1 << 5, 1 << 16, 1 << 31
-CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE = 1 << 5, 1 << 9, 1 << 10, 1 << 18
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE, CR4_PKE = 1 << 5, 1 << 9, 1 << 10, 1 << 18, 1 << 22
 EFER_SCE, EFER_LME, EFER_LMA = 1 << 0, 1 << 8, 1 << 10
 RFLAGS_FIXED, RFLAGS_IOPL3 = 0x2, 0x3000
 PTE_P, PTE_RW, PTE_US, PTE_PS = 1 << 0, 1 << 1, 1 << 2, 1 << 7
@@ -110,8 +110,11 @@ def _seg(selector, code, dpl):
                    db=1, s=1, l=0, g=1)
 
 
-def entry_state(cpl=3, xsave=True, entry=PAYLOAD_BASE, base_sregs=None, stack_top=USER_STACK_TOP):
-    """Registers that start the payload at `entry` in 64-bit mode at the given CPL."""
+def entry_state(cpl=3, xsave=True, entry=PAYLOAD_BASE, base_sregs=None, stack_top=USER_STACK_TOP,
+                pke=False):
+    """Registers that start the payload at `entry` in 64-bit mode at the given CPL. `pke` sets
+    CR4.PKE (protection keys: WRPKRU/RDPKRU at CPL3; KVM accepts it only when the guest CPUID
+    has PKU)."""
     if cpl not in (0, 3):
         raise ValueError(f"cpl must be 0 or 3, not {cpl}")
     s = base_sregs or Sregs()
@@ -127,7 +130,7 @@ def entry_state(cpl=3, xsave=True, entry=PAYLOAD_BASE, base_sregs=None, stack_to
     s.idt = DTable(IDT_BASE, 256 * 16 - 1)
     s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
     s.cr3 = PML4_BASE
-    s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | (CR4_OSXSAVE if xsave else 0)
+    s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | (CR4_OSXSAVE if xsave else 0) | (CR4_PKE if pke else 0)
     s.efer = EFER_SCE | EFER_LME | EFER_LMA
     regs = Regs(rip=entry, rsp=stack_top, rflags=RFLAGS_FIXED | RFLAGS_IOPL3)
     return EntryState(regs, s)
