@@ -48,7 +48,35 @@ def test_spin_stops_at_the_timeout(machine):
     assert runtime.PAYLOAD_BASE <= ev.rip < runtime.PAYLOAD_BASE + 16
 
 
-def test_avx512_guest_syncs_at_cpl3_with_its_patterns(machine):
+def test_checkpoint_guest_fills_what_this_vcpu_has_at_cpl3(machine):
+    """The checkpoint guest reports (SYNC value) the XSAVE components it filled: those of the XCR0
+    vmm gave it that CPL3 can write; its vector patterns are in the vCPU's XSAVE state."""
+    m = machine("checkpoint")
+    ev = m.run(timeout=10)
+    assert isinstance(ev, Sync) and ev.value == m.xcr0 & 0x602E7, (ev, hex(m.xcr0))
+    assert m.vcpu.get_sregs().cpl == 3
+    xs = m.vcpu.get_xsave()
+    lo, hi = struct.unpack_from("<QQ", xs, 160 + 16 * 4)  # XMM4 at legacy offset 160 + 16 * 4
+    assert (lo, hi) == (0xA5A5000000000000 | 4 << 8 | 0, 0xA5A5000000000000 | 4 << 8 | 1)
+    assert isinstance(m.run(timeout=10), Done)
+
+
+def test_a_guest_needing_what_the_host_lacks_is_refused_before_its_vm(machine, kvm):
+    img = catalog.load("avx512")
+    assert [str(r) for r in img.requires] == ["AVX512F (XCR0 0xe0)"]
+    supported = kvm.get_supported_cpuid().xcr0_supported()
+    if supported & 0xE0 == 0xE0:
+        assert img.missing(supported) == []
+        img.requires = (catalog.Requirement("NOT_HERE", 1 << 62),)  # a component no host has
+    else:
+        assert img.missing(supported) == list(img.requires)
+    with pytest.raises(GuestError, match=f"needs .*; this host's KVM supports XCR0 {supported:#x}"):
+        machine(img)
+
+
+def test_avx512_guest_syncs_at_cpl3_with_its_patterns(machine, kvm):
+    from conftest import needs_xcr0
+    needs_xcr0(kvm, "AVX512F", 0xE0)
     m = machine("avx512")
     ev = m.run(timeout=10)
     assert isinstance(ev, Sync) and ev.value == 1
@@ -62,17 +90,20 @@ def test_avx512_guest_syncs_at_cpl3_with_its_patterns(machine):
 
 
 def test_cpl0_payload(machine):
-    """At CPL0 integer code runs everywhere (emulated on PVM); AVX-512 at CPL0 is an
-    emulation failure on PVM, reported with the instruction and a hint to use CPL3."""
+    """At CPL0 integer code runs everywhere (emulated on PVM). The checkpoint guest's XGETBV and
+    vector instructions at CPL0 are an emulation failure on PVM, reported with the instruction and
+    a hint to use CPL3; where CPL0 runs natively it fills and checks its state as at CPL3."""
     m = machine("sync", cpl=0)
     assert isinstance(m.run(timeout=10), Sync)
     assert m.vcpu.get_sregs().cpl == 0
-    ev = machine("avx512", cpl=0).run(timeout=30)
+    m = machine("checkpoint", cpl=0)
+    ev = m.run(timeout=30)
     if is_pvm():
         assert isinstance(ev, InternalError), ev
         assert "CPL3" in ev.hint and ev.insn
     else:
-        assert isinstance(ev, Sync)
+        assert isinstance(ev, Sync) and ev.value == m.xcr0 & 0x602E7, ev
+        assert isinstance(m.run(timeout=30), Done)
 
 
 def test_bad_guests_are_clear_errors(machine, tmp_path):
