@@ -17,7 +17,7 @@ from vmm.xsave import XsaveLayout, kvm_xsave_size
 
 def test_supported_leaf_d_agrees_with_the_layout_and_cap_xsave2(kvm):
     """KVM computes CPUID.(0DH,0).EBX/ECX and KVM_CAP_XSAVE2 from the sub-leaves it reports; the
-    layout built from those sub-leaves gives the same numbers (here 0xe7: 2432 bytes, cap 4096)."""
+    layout built from those sub-leaves gives the same numbers (Zen 4: XCR0 0xe7, 2432 bytes, cap 4096)."""
     supported = kvm.get_supported_cpuid()
     d0 = supported.entry(0xD, 0)
     layout = XsaveLayout.from_cpuid(supported)
@@ -31,7 +31,7 @@ def test_the_guest_leaf_d_kvm_holds(kvm, xcr0):
     """KVM_SET_CPUID2 with leaf 0xD limited to `xcr0`, then KVM_GET_CPUID2.
     Standard KVM holds the XCR0 mask it was given. kvm_pvm (this host) replaces leaves 1, 7 and
     0xD.0/0xD.1 with the host's own values (guest CPL3 code executes CPUID natively), so it holds
-    the host's XCR0 mask (0xe7) and AVX-512 whatever it was given. Leaves it leaves alone match."""
+    the host's supported XCR0 mask whatever it was given. Leaves it leaves alone match."""
     supported = kvm.get_supported_cpuid()
     given = supported.guest_for_xcr0(xcr0 & supported.xcr0_supported())
     with kvm.create_vm() as vm:

@@ -12,6 +12,8 @@ from importlib import resources
 
 import pytest
 
+from vmm.guest.machine import USER_XSTATE
+
 from vmm import probe
 from vmm.kvm import is_pvm
 from vmm.probe import ProbeError, ReportError
@@ -207,12 +209,11 @@ def test_guest_beyond_xcr0_and_the_cpuid_kvm_holds(checks, kvm):
     assert cpuid2["status"] == ("differs" if changed else "as-upstream")
     if changed and is_pvm():
         assert "PVM" in cpuid2["verdict"]
-    if beyond["status"] == "skipped":  # the host has no AVX-512 state to execute beyond XCR0 0x7
-        assert "no AVX-512" in beyond["verdict"]
-        assert kvm.get_supported_cpuid().xcr0_supported() & 0xE0 != 0xE0
-    elif is_pvm():
+    filled = kvm.get_supported_cpuid().xcr0_supported() & USER_XSTATE
+    assert int(beyond["details"]["filled"], 16) == filled
+    if is_pvm():
         assert beyond["observed"]["value"] == "sync" and beyond["status"] == "differs"
-        assert int(beyond["details"]["xstate_bv"], 16) & 0xE0 == 0xE0
+        assert int(beyond["details"]["xstate_bv"], 16) & filled == filled
     else:
         assert beyond["observed"]["value"] == "#UD" and beyond["status"] == "as-upstream"
 

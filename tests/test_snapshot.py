@@ -123,7 +123,7 @@ def test_a_host_that_cannot_provide_the_guest_is_told_what_is_missing(tmp_path, 
     assert ("GenuineIntel" in problems) == (kvm.get_supported_cpuid().vendor != "GenuineIntel")
     here = XsaveLayout.from_cpuid(kvm.get_supported_cpuid()).components
     for i, c in XsaveLayout.from_cpuid(spr).components.items():
-        if i < 2:
+        if i < 2 or c.supervisor:  # KVM's standard-format buffer holds user components only
             continue
         if i not in here:
             assert f"XSAVE component {component_name(i)} ({i}) is not supported here" in problems

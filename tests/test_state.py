@@ -29,6 +29,44 @@ def test_checkpoint_survives_save_and_restore_into_a_new_vm(machine):
     assert isinstance(ev, Done), f"{ev} (FAIL codes in guests/checkpoint.S)"
 
 
+def _xcr0_steps(supported):
+    """x87|SSE, then each group of XSAVE components the host has added in turn: +AVX, +AVX-512,
+    +PKRU, +AMX (groups that must be enabled together, SDM vol. 1 13.3)."""
+    steps, xcr0 = [0x3], 0x3
+    for group in (0x4, 0xE0, 0x200, 0x60000):
+        if supported & group == group and (group != 0xE0 or xcr0 & 0x4):
+            xcr0 |= group
+            steps.append(xcr0)
+    return steps
+
+
+def test_checkpoint_survives_save_and_restore_for_every_xcr0_the_host_supports(machine, kvm):
+    """For each guest XCR0 this host supports (x87|SSE, +AVX, +AVX-512, +PKRU where present): a
+    guest CPUID for it, the checkpoint guest fills what it enables (its SYNC says which), and the
+    state moved into a new VM is what the guest finds there (DONE)."""
+    import xstate_guest as xg
+    from vmm.xsave import XsaveArea, XsaveLayout
+    supported = kvm.get_supported_cpuid()
+    layout = XsaveLayout.from_cpuid(supported)
+    steps = _xcr0_steps(supported.xcr0_supported() & ~0x60000)  # AMX needs the permission: test_amx
+    assert steps[0] == 0x3 and len(steps) >= 2, steps  # every x86-64 host with XSAVE has AVX
+    for xcr0 in steps:
+        cpuid = supported.guest_for_xcr0(xcr0).with_xsave_enabled()
+        src = machine("checkpoint", cpuid=cpuid, xcr0=xcr0)
+        ev = src.run(timeout=10)
+        assert isinstance(ev, Sync), (hex(xcr0), ev)
+        xg.check_mask(ev.value, xcr0)
+        saved = state.save_state(src.vcpu)
+        xg.assert_filled(XsaveArea.parse(saved.xsave, layout), ev.value)
+        dst = machine("hello")
+        dst.vm.write(0, src.vm.read(0, src.memory.size))
+        state.restore_state(dst.vcpu, saved)
+        assert dst.vcpu.get_xsave() == saved.xsave, hex(xcr0)
+        assert dst.vcpu.get_xcrs()[0] == xcr0
+        ev = dst.run(timeout=10)
+        assert isinstance(ev, Done), (hex(xcr0), ev)
+
+
 def test_checkpoint_detects_a_corrupted_register(machine):
     """The guest's own check is real: flip one bit of XMM7 through the XSAVE area and it fails."""
     m = machine("checkpoint")

@@ -11,6 +11,13 @@ FORCE = 1 << 63  # %rdx bit 63 at entry: fill exactly the given components (xsta
 USER = 0x602E7   # the components the guest knows how to fill
 
 
+def check_mask(filled, xcr0):
+    """The guest filled every component of `xcr0` it can write at CPL3, but PKRU where CR4.PKE is not
+    what CPL3 code runs with (WRPKRU would #UD: the guest asks CPUID.7.ECX.OSPKE first)."""
+    want = xcr0 & USER
+    assert filled & ~want == 0 and want & ~filled & ~(1 << PKRU) == 0, f"filled {filled:#x}, XCR0 {xcr0:#x}"
+
+
 def block(v):
     return BLOCKS + v * 0x2000
 

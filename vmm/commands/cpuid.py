@@ -2,7 +2,7 @@
 
 import click
 
-from ..cpuid import REGISTERS, CpuidError, CpuidTable
+from ..cpuid import REGISTERS, CpuidTable
 from ..xsave import XsaveError, XsaveLayout, mask_names
 from .common import _emit, device_option, handle_errors, json_option, run_to_sync, timeout_option
 

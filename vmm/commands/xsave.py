@@ -39,8 +39,7 @@ def check_xcr0(kvm, mask):
 def inspect(m, at_sync, timeout):
     """Run Machine `m` to its SYNC `at_sync` (0: not at all) and read its XSAVE area and the
     context needed to judge it. Returns a dict; "area" is the XsaveArea in the host's layout."""
-    if at_sync:
-        run_to_sync(m, at_sync, timeout)
+    ev = run_to_sync(m, at_sync, timeout) if at_sync else None
     vcpu = m.vcpu
     supported = m.kvm.get_supported_cpuid()
     layout = XsaveLayout.from_cpuid(supported)  # the host's: KVM's buffer uses its offsets
@@ -55,6 +54,7 @@ def inspect(m, at_sync, timeout):
         "xsave2_cap": cap, "host_size": layout.standard_size(),
         "xcr0": xcr0, "cpuid_given": m.cpuid.xcr0_supported(), "cpuid_held": held,
         "beyond": area.components_outside(xcr0), "rip": regs.rip, "cpl": sregs.cpl,
+        "sync": ev.value if ev else None,
     }
 
 
@@ -76,7 +76,7 @@ def _beyond_note(info):
 
 def _echo_text(guest, at_sync, info, raw):
     a = info["area"]
-    where = f"at SYNC {at_sync}" if at_sync else "before it runs"
+    where = f"at SYNC {at_sync} (value {info['sync']:#x})" if at_sync else "before it runs"
     click.echo(f"guest {guest} {where} (rip {info['rip']:#x}, cpl {info['cpl']})")
     cap = f"KVM_CAP_XSAVE2 {info['xsave2_cap']}" if info["xsave2_cap"] else "no KVM_CAP_XSAVE2"
     click.echo(f"{info['ioctl']:<16} {len(info['raw'])} bytes ({cap}; host standard size "
@@ -114,7 +114,8 @@ def echo_components(a, beyond=(), indent=""):
 
 def _json(guest, at_sync, info, raw):
     a = info["area"]
-    out = {"guest": guest, "at_sync": at_sync, "rip": hex(info["rip"]), "cpl": info["cpl"],
+    out = {"guest": guest, "at_sync": at_sync, "sync_value": None if info["sync"] is None else hex(info["sync"]),
+           "rip": hex(info["rip"]), "cpl": info["cpl"],
            "ioctl": info["ioctl"], "xsave2_cap": info["xsave2_cap"], **a.to_json(),
            "xcr0": hex(info["xcr0"]), "guest_cpuid_xcr0": hex(info["cpuid_held"]),
            "vmm_cpuid_xcr0": hex(info["cpuid_given"]),

@@ -11,6 +11,10 @@ from .runner import Runner
 
 XCR0_X87_SSE = 0x3
 XCR0_XTILE = 1 << XTILECFG | 1 << XTILEDATA  # AMX: only with amx=True (vmm/amx.py)
+# The guests' xstate.inc: the XSAVE components a CPL3 payload can fill (x87 SSE AVX opmask
+# ZMM_Hi256 Hi16_ZMM PKRU XTILECFG XTILEDATA), and %rdx bit 63 at entry: "fill exactly these"
+USER_XSTATE = 0x602E7
+XSTATE_FORCED = 1 << 63
 
 
 def default_guest_cpuid(kvm, xcr0=None):

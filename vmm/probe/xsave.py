@@ -196,29 +196,31 @@ def _c_unpermitted(ctx):
 
 
 # --- guest execution and CPUID ------------------------------------------------------------------------
-@check("guest_beyond_xcr0", "guest CPL3 code executing AVX-512 with XCR0 = x87|SSE|AVX",
+@check("guest_beyond_xcr0", "guest CPL3 code using XSAVE state beyond XCR0 = x87|SSE",
        "xsave", min_kernel=XCR0_LEAK_FIX, danger=XCR0_LEAK_DANGER)
 def _c_beyond(ctx):
-    from ..errors import GuestError
-    from ..guest.machine import Machine
+    from ..guest.machine import Machine, USER_XSTATE, XSTATE_FORCED
     from ..guest.runner import Fault, Sync
-    if ctx.xcr0 & AVX512_STATE != AVX512_STATE:
-        return skip(f"the host has no AVX-512 state ({mask_text(ctx.xcr0)}): the avx512 probe guest has "
-                     "nothing beyond XCR0 0x7 to execute")
-    try:
-        m = Machine("avx512", kvm=ctx.kvm, xcr0=0x7)
-    except GuestError as e:
-        return skip(f"the avx512 guest is not available: {e}")
-    with m:
+    beyond = ctx.xcr0 & USER_XSTATE & ~X87_SSE
+    if not beyond:
+        return skip(f"the host has no XSAVE state beyond x87/SSE that CPL3 can write ({mask_text(ctx.xcr0)})")
+    # the checkpoint guest, told to fill every component KVM supports here without asking the CPU,
+    # with a guest CPUID and XCR0 limited to x87|SSE (CPUID.1:ECX.XSAVE kept, so XCR0 is settable)
+    narrow = ctx.kvm.get_supported_cpuid().guest_for_xcr0(X87_SSE).with_xsave_enabled()
+    with Machine("checkpoint", kvm=ctx.kvm, cpuid=narrow, xcr0=X87_SSE) as m:
+        regs = m.vcpu.get_regs()
+        regs.rdx = XSTATE_FORCED | beyond | X87_SSE
+        m.vcpu.set_regs(regs)
         xcr0 = m.vcpu.get_xcrs().get(0, 0)
         ev = m.run(timeout=GUEST_TIMEOUT)
         bv = xstate_bv(m.vcpu.get_xsave())
         held = m.vcpu.get_cpuid2().xcr0_supported()
     if isinstance(ev, Sync):
-        obs = observed_ok("sync", f"SYNC {ev.value:#x}: AVX-512 executed; XSTATE_BV then {mask_text(bv)}")
-        verdict = (f"guest XCR0 {hex_text(xcr0)} is not enforced for CPL3 code: the guest used opmask/ZMM "
-                   "state, and its saved XSTATE_BV carries it (a restore target needs those components too)"
-                   + pvm_note(ctx))
+        obs = observed_ok("sync", f"SYNC {ev.value:#x}: the guest filled {mask_text(ev.value)}; "
+                                  f"XSTATE_BV then {mask_text(bv)}")
+        verdict = (f"guest XCR0 {hex_text(xcr0)} is not enforced for CPL3 code: the guest used "
+                   f"{mask_text(beyond)} state, and its saved XSTATE_BV carries it (a restore target needs "
+                   "those components too)" + pvm_note(ctx))
     elif isinstance(ev, Fault):
         obs = observed_ok(ev.name, f"{ev} (XSTATE_BV {mask_text(bv)})")
         verdict = ("#UD: guest XCR0 is enforced" if ev.name == "#UD" else
@@ -226,10 +228,13 @@ def _c_beyond(ctx):
     else:
         obs = observed_ok(getattr(ev, "kind", "event"), str(ev))
         verdict = f"the guest ended with '{ev}' before its first SYNC"
-    exp = upstream("#UD at the first EVEX instruction: the CPU runs guest code under the guest's XCR0", "#UD")
-    return result("the avx512 guest at CPL3 with its guest CPUID and XCR0 limited to 0x7 (x87 SSE AVX)",
+    exp = upstream("#UD at the first instruction beyond XCR0: the CPU runs guest code under the guest's XCR0",
+                   "#UD")
+    return result(f"the checkpoint guest at CPL3 filling {mask_text(beyond)} with its guest CPUID and XCR0 "
+                  "limited to 0x3 (x87 SSE)",
                   "KVM_RUN", obs, exp, verdict,
-                  details={"guest_xcr0": hex_text(xcr0), "xstate_bv": hex_text(bv), "cpuid2_xcr0": hex_text(held)})
+                  details={"guest_xcr0": hex_text(xcr0), "filled": hex_text(beyond | X87_SSE),
+                           "xstate_bv": hex_text(bv), "cpuid2_xcr0": hex_text(held)})
 
 
 # --- XCR0 rules (xcr0_cpuid_test) --------------------------------------------------------------------
