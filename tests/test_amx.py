@@ -136,8 +136,14 @@ def test_vmm_amx_report(kvm):
 
 def test_amx_is_hidden_without_amx(machine):
     """Without amx=True no AMX reaches the guest, even where this process holds the permission:
-    the amx guest finds no XTILECFG in CPUID.(0DH,17) and fails its first tile check."""
-    m = machine("amx")
+    vmm refuses the amx guest before its VM (it needs AMX-TILE), and run anyway (its requirement
+    dropped) it finds no XTILECFG in CPUID.(0DH,17) and fails its first tile check."""
+    import dataclasses
+    from vmm.errors import GuestError
+    from vmm.guest import catalog
+    with pytest.raises(GuestError, match="guest 'amx' needs AMX-TILE"):
+        machine("amx")
+    m = machine(dataclasses.replace(catalog.load("amx"), requires=()))
     held = m.vcpu.get_cpuid2()
     for table in (m.cpuid, held):
         assert table.xcr0_supported() & XTILE == 0

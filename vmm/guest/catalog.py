@@ -156,4 +156,4 @@ def load(name_or_path):
     if not path.is_file():
         raise GuestError(f"guest {name_or_path!r} is not built ({path} missing): run `make guests`")
     return Image(name_or_path, path.read_bytes(), _symbols(path.with_suffix(".sym")),
-                 _description(name_or_path), REQUIREMENTS.get(name_or_path, ()))
+                 _description(name_or_path), requires=REQUIREMENTS.get(name_or_path, ()))
