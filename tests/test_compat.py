@@ -328,11 +328,11 @@ def test_a_baseline_of_this_host_and_genoa_boots_here_and_restores_anywhere_in_t
 def test_bad_reports_and_mixed_vendors_are_clear_errors(here, tmp_path):
     report = json.loads((here / "here.json").read_text())
     newer = tmp_path / "newer.json"
-    newer.write_text(json.dumps(dict(report, schema="vmm-probe-report/2")))
+    newer.write_text(json.dumps(dict(report, schema="vmm-probe-report/99")))
     cut = tmp_path / "cut.json"
     cut.write_text((here / "here.json").read_text()[:3000])
     cases = [
-        (("compat", str(here / "s.snap"), "--host", str(newer)), "'vmm-probe-report/2' is not one this vmm reads"),
+        (("compat", str(here / "s.snap"), "--host", str(newer)), "'vmm-probe-report/99' is not one this vmm reads"),
         (("compat", str(here / "s.snap"), "--host", str(cut)), f"{cut}: truncated"),
         (("baseline", str(cut), GENOA_PATH, "-o", str(tmp_path / "x.json")), "truncated"),
         (("baseline", str(here / "here.json"), SPR_PATH, "-o", str(tmp_path / "x.json")),
