@@ -103,14 +103,16 @@ def caps(device, as_json):
 @json_option
 @handle_errors
 def guests(as_json):
-    """List the built-in guests."""
+    """List the built-in guests, with what each needs from the vCPU (checked before it runs)."""
     from .guest import catalog
-    rows = [(n, catalog._description(n)) for n in catalog.names()]
+    rows = [(n, catalog.describe(n), catalog.REQUIREMENTS.get(n, ())) for n in catalog.names()]
     if as_json:
-        _emit([{"name": n, "description": d} for n, d in rows])
+        _emit([{"name": n, "description": d,
+                "requires": [{"feature": r.feature, "xcr0": hex(r.xcr0)} for r in req]} for n, d, req in rows])
         return
-    for n, d in rows:
-        click.echo(f"{n:<14} {d.split('; ')[0].rstrip('.')}")
+    for n, d, req in rows:
+        needs = f" [needs {', '.join(str(r) for r in req)}]" if req else ""
+        click.echo(f"{n:<14} {d.split('; ')[0].rstrip('.')}{needs}")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,11 @@ def _symbols(path):
     return syms
 
 
+def describe(name):
+    """A built-in guest's one-paragraph description (from its source's header comment)."""
+    return _description(name)
+
+
 def _description(name):
     src = SOURCE_DIR / f"{name}.S"
     if src.exists():
