@@ -172,3 +172,35 @@ def test_xsave_size_follows_the_process_not_the_guest(machine):
     with pytest.raises(StateError, match="state beyond byte 4096"):
         state.restore_state(m.vcpu, s)
     assert m.vcpu.get_regs() == before
+
+
+def test_tsc_rate_within_kvm_tolerance_restores_beyond_it_needs_scaling(machine, kvm):
+    """A state whose TSC rate is 100 ppm off this host's restores: KVM_SET_TSC_KHZ takes rates within
+    250 ppm without scaling. 1000 ppm off restores only where KVM can scale the TSC
+    (KVM_CAP_TSC_CONTROL); elsewhere it is refused, with the reason, before KVM_SET_TSC_KHZ."""
+    from vmm._bindings import lib
+    from vmm.tsc import rate_problem, within_tolerance
+    src = machine("sync")
+    src.run(timeout=5)
+    saved = state.save_state(src.vcpu)
+    host = saved.tsc_khz
+    assert host > 0
+    near, far = host + host // 10_000, host + host // 1_000  # +100 ppm, +1000 ppm
+    assert within_tolerance(near, host) and not within_tolerance(far, host)
+    control = kvm.check_extension(lib.KVM_CAP_TSC_CONTROL)
+
+    saved.tsc_khz = near
+    dst = machine("sync")
+    state.restore_state(dst.vcpu, saved)
+    assert dst.vcpu.get_tsc_khz() == near
+
+    saved.tsc_khz = far
+    dst = machine("sync")
+    if control:
+        state.restore_state(dst.vcpu, saved)
+        assert dst.vcpu.get_tsc_khz() == far
+    else:
+        assert rate_problem(far, host, control)
+        with pytest.raises(StateError, match=r"\+1000 ppm, beyond KVM's 250 ppm tolerance"):
+            state.restore_state(dst.vcpu, saved)
+        assert dst.vcpu.get_tsc_khz() == host

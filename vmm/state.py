@@ -329,11 +329,15 @@ RESTORE_ORDER = ("cpuid", "tsc_khz", "sregs", "lapic", "msrs", "xcrs", "xsave",
 
 
 def _set_tsc_khz(vcpu, khz):
-    if not khz or vcpu.tsc_khz() == khz:
+    """KVM_SET_TSC_KHZ unless the rate is already this vCPU's; a rate this host cannot give (beyond
+    the 250 ppm KVM takes without TSC scaling, vmm/tsc.py) is refused with the reason."""
+    from .tsc import rate_problem
+    here = vcpu.tsc_khz()
+    if not khz or here == khz:
         return
-    if not vcpu.vm.kvm.check_extension(lib.KVM_CAP_TSC_CONTROL):
-        raise StateError(f"the guest ran with a {khz} kHz TSC, this host's is {vcpu.get_tsc_khz()} kHz "
-                         "and KVM cannot scale it here (no KVM_CAP_TSC_CONTROL)")
+    problem = rate_problem(khz, here, vcpu.vm.kvm.check_extension(lib.KVM_CAP_TSC_CONTROL))
+    if problem:
+        raise StateError(problem.replace("the host's", "this host's").replace(" there ", " here "))
     vcpu.set_tsc_khz(khz)
 
 
