@@ -19,7 +19,7 @@ NEW = {
     "sync_regs_invalid_bits", "sync_regs_round_trip", "userspace_io_rep_ins", "vcpu_cpuid_matches_supported",
     "get_cpuid2_e2big", "set_cpuid2_after_run", "supported_xcr0_dependencies", "guest_initial_xcr0",
     "xsetbv_unsupported_gp", "xss_reset_and_save_list", "feature_msrs_reset", "hwcr_bits",
-    "msrs_reset_write_read", "one_reg_agrees_with_msrs", "xsave_image_loads_anywhere",
+    "msrs_reset_write_read", "one_reg_agrees_with_msrs", "xsave_image_loads_anywhere", "amx_tiles_xfd_and_restore",
 }
 
 
@@ -253,3 +253,15 @@ def test_xsave_image_loads_anywhere(res, kvm):
             seen = errno.errorcode[e.errno]
     assert c["observed"]["value"]["empty guest CPUID, XSTATE_BV = supported XCR0"] == seen
     assert len(c["observed"]["value"]) == 4 + bin(supported).count("1")
+
+
+def test_amx_tiles_xfd_and_restore(res):
+    """Skipped exactly where the host has no AMX; on AMX hosts (where tests/test_amx.py runs the same
+    guest step by step) as upstream exactly when every step held."""
+    from vmm import amx
+    c = res["amx_tiles_xfd_and_restore"]
+    assert c["process"] == "amx-guest"  # the permission request stays out of this process
+    if not amx.get_xcomp_supp() >> amx.XFEATURE_XTILEDATA & 1:
+        assert c["status"] == "skipped" and "no AMX" in c["verdict"]
+    else:
+        assert (c["status"] == "as-upstream") == all(c["observed"]["value"].values())

@@ -33,5 +33,5 @@ sort_checks()
 
 __all__ = ["CHECKS", "GROUPS", "STATUSES", "SUPPORTED_KEYWORDS", "Context", "ProbeError", "ReportError",
            "SCHEMA_ID", "all_as_upstream", "amx_from_checks", "check_names", "check_report", "format_report",
-           "format_summary", "get_check", "host_info", "kernel_version", "load_report", "load_schema", "make_report",
-           "run_check", "run_checks", "select", "validate", "xstate_bv"]
+           "format_summary", "get_check", "host_info", "kernel_version", "load_report", "load_schema",
+           "make_report", "run_check", "run_checks", "select", "validate", "xstate_bv"]

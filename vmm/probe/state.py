@@ -2,8 +2,8 @@
 into a fresh one whatever its guest CPUID."""
 
 from ..errors import KvmError, errno_name
-from .core import (GUEST_TIMEOUT, XTILE, check, hex_text, mask_text, observed_ok, pvm_note, raw_set_xsave, result,
-                   skip, upstream, xstate_bv)
+from .core import (GUEST_TIMEOUT, XTILE, check, hex_text, mask_text, not_in_kernel, observed_ok, pvm_note,
+                   raw_set_xsave, result, skip, upstream, xstate_bv)
 
 
 def _dirty(raw, layout, mask):
@@ -80,3 +80,65 @@ def _c_xsave_loads(ctx):
                   "its first SYNC, saved with KVM_GET_XSAVE2; then a fresh vCPU per load", "KVM_SET_XSAVE",
                   obs, exp, verdict, status="as-upstream" if not bad else "differs",
                   details={"filled": hex_text(filled), "image_xstate_bv": hex_text(saved_bv)})
+
+
+@check("amx_tiles_xfd_and_restore", "AMX: TMM0 survives save/restore into a fresh VM; XFD raises #NM with XFD_ERR",
+       "state", process="amx-guest", selftest="amx_test")
+def _c_amx(ctx):
+    from .. import amx
+    from ..guest.machine import Machine
+    from ..guest.runner import Done, Fault, Sync
+    from ..xsave import XsaveArea, XsaveLayout
+    ctx.require_fresh("amx_tiles_xfd_and_restore")
+    try:
+        supp = ctx.xcomp_supp()
+    except KvmError as e:
+        return not_in_kernel(ctx, f"ARCH_GET_XCOMP_SUPP answered {errno_name(e.errno)}: no AMX permission "
+                             "interface (Linux 5.16/5.17)")
+    if not supp >> amx.XFEATURE_XTILEDATA & 1:
+        return skip(f"no AMX on this host: ARCH_GET_XCOMP_SUPP {mask_text(supp)} lacks XTILEDATA (18)")
+    xfd, xfd_err, tiledata = 0x1C4, 0x1C5, 1 << amx.XFEATURE_XTILEDATA
+    steps = {}
+    with Machine("amx", kvm=ctx.kvm, amx=True) as m:
+        layout = XsaveLayout.from_cpuid(m.cpuid)
+        data_at = m.image.symbols["TILEDATA"]
+
+        def round_trip(step):
+            """The vCPU's XSAVE image, loaded into a vCPU of a fresh VM and read back: TMM0 the same."""
+            raw = m.vcpu.get_xsave()
+            with ctx.vm() as vm2:
+                v2 = vm2.create_vcpu()
+                v2.set_cpuid2(m.cpuid)
+                raw_set_xsave(v2, raw)
+                back = v2.get_xsave()
+            a, b = XsaveArea.parse(raw, layout), XsaveArea.parse(back, layout)
+            steps[f"{step}: TMM0 through save/restore"] = a.tmm(0) == b.tmm(0) and a.xstate_bv == b.xstate_bv
+            return a
+        ev = m.run(timeout=GUEST_TIMEOUT * 5)
+        steps["SYNC 1 after TILELOADD"] = isinstance(ev, Sync) and ev.value == 1
+        if steps["SYNC 1 after TILELOADD"]:
+            area = round_trip("sync 1")
+            steps["sync 1: TMM0 holds the loaded rows"] = area.tmm(0) == m.vm.read(data_at, 1024)
+            ev = m.run(timeout=GUEST_TIMEOUT * 5)
+            steps["SYNC 2 after TILERELEASE"] = isinstance(ev, Sync) and ev.value == 2
+            round_trip("sync 2")
+            ev = m.run(timeout=GUEST_TIMEOUT * 5)
+            steps["#NM with XFD armed"] = isinstance(ev, Fault) and ev.vector == 7
+            steps["XFD_ERR = XTILEDATA at the #NM"] = m.vcpu.get_msrs([xfd, xfd_err]) == {xfd: tiledata,
+                                                                                         xfd_err: tiledata}
+            m.vcpu.set_msrs({xfd_err: 0, xfd: 0})
+            ev = m.run(timeout=GUEST_TIMEOUT * 5)
+            steps["SYNC 3 after the retried load"] = isinstance(ev, Sync) and ev.value == 3
+            round_trip("sync 3")
+            steps["DONE"] = isinstance(m.run(timeout=GUEST_TIMEOUT * 5), Done)
+        last = str(ev)
+    bad = [k for k, ok in steps.items() if not ok]
+    obs = observed_ok(steps, "all hold" if not bad else f"fail: {'; '.join(bad)} (last event: {last})")
+    exp = upstream("the amx_test sequence: TILELOADD, TILERELEASE, #NM from XFD with XFD_ERR = XTILEDATA, the "
+                   "retried load; at every SYNC the XSAVE image restores into a fresh VM with TMM0 intact",
+                   {k: True for k in steps})
+    verdict = ("AMX tile state and XFD behave as upstream, and TMM0 survives save/restore" if not bad else
+               f"{len(bad)} of {len(steps)} AMX steps differ: {', '.join(bad)}" + pvm_note(ctx))
+    return result("a fresh process: ARCH_REQ_XCOMP_GUEST_PERM(18), the amx guest at CPL3 with AMX in its guest "
+                  "CPUID", "KVM_RUN to each SYNC; KVM_GET_XSAVE2, then KVM_SET_XSAVE into a vCPU of a new VM",
+                  obs, exp, verdict, status="as-upstream" if not bad else "differs")
