@@ -29,10 +29,11 @@ DIR=tools/testing/selftests/kvm
 TARGETS=""
 for t in $TESTS; do
     for d in x86 x86_64; do
-        [ -f "$SRC/$DIR/$d/$t.c" ] && TARGETS="$TARGETS $d/$t"
+        # the Makefile names its programs by absolute path ($(OUTPUT) is the kvm directory)
+        [ -f "$SRC/$DIR/$d/$t.c" ] && TARGETS="$TARGETS $SRC/$DIR/$d/$t"
     done
 done
-make -s -C "$SRC/$DIR" -j2 $TARGETS >"$OUT/build.log" 2>&1 || { echo "build failed: see $OUT/build.log"; tail -5 "$OUT/build.log"; exit 1; }
+make -s -C "$SRC/$DIR" -k -j2 $TARGETS >"$OUT/build.log" 2>&1 || { echo "build failed: see $OUT/build.log"; tail -5 "$OUT/build.log"; exit 1; }
 echo "KVM selftests of Linux $VERSION on $(uname -r) ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))"
 for t in $TESTS; do
     bin=""
@@ -48,6 +49,8 @@ for t in $TESTS; do
     rc=$?
     set -e
     case $rc in 0) verdict=PASS ;; 4) verdict=SKIP ;; 124) verdict="TIMEOUT (60 s)" ;; *) verdict=FAIL ;; esac
-    last=$(grep -v '^\s*$' "$OUT/$t.log" | grep -iE 'assert|skip|error|fail|exit|ok' | tail -1 | cut -c1-110)
+    # the reason: the last line naming an unexpected exit or a skip, else the last line
+    last=$({ grep -E 'nexpected|# SKIP' "$OUT/$t.log" || grep -v '^[[:space:]]*$' "$OUT/$t.log"; } | tail -1 |
+           sed 's/^[[:space:]]*//' | cut -c1-110)
     printf '%-20s rc=%-3s %-6s %s\n' "$t" "$rc" "$verdict" "$last"
 done
