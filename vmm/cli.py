@@ -10,7 +10,7 @@ import click
 from . import kvm as kvm_mod
 
 from .commands import LazyGroup
-from .commands.common import (EXIT_STATUS_HELP, GuestArg, _emit, amx_option, device_option, exit_for_event,
+from .commands.common import (EXIT_STATUS_HELP, GuestArg, _emit, amx_option, device_option, exit_for_event, memory_option,
                               handle_errors, json_option, run_main, timeout_option)
 
 
@@ -30,7 +30,7 @@ def entry(argv=None):
 @timeout_option
 @click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True,
               help="Privilege level of the payload (0 is emulated on PVM hosts).")
-@click.option("--memory", "memory_mib", type=int, default=4, show_default=True, help="Guest RAM in MiB.")
+@memory_option
 @click.option("--cpu", "cpu_file", type=click.Path(), default=None,
               help="Guest CPUID from a JSON file (vmm cpuid --json / vmm baseline).")
 @click.option("--arg", "args", multiple=True, type=GuestArg(), metavar="VALUE",

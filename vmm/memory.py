@@ -16,8 +16,12 @@ class GuestMemory:
         self.gpa = gpa
         self.anonymous = fileobj is None
         if fileobj is None:
-            self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:  # ENOMEM: say how much was asked for
+                raise MemoryError(f"cannot map {size >> 20} MiB of guest memory: {e.strerror}; "
+                                  "give a smaller --memory") from None
         else:
             # Copy-on-write view of a file: pages load lazily on first touch.
             self._mm = mmap.mmap(fileobj.fileno(), size, flags=mmap.MAP_PRIVATE,

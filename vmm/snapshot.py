@@ -16,14 +16,14 @@ whatever the file system reports as data outside them (which must be zero).
 Extents are checked in worker threads (the hashes release the GIL), while saving as the bytes are
 written, while restoring alongside the restore's own ioctls and always before restore() returns,
 so before the guest can read a byte; load() checks them itself unless told restore() will.
-Files are written to a temporary file, fsynced and renamed: a failed save leaves an old file intact.
+Files are written through vmm.files.output (a temporary file, fsynced and renamed): a failed save
+leaves an old file intact, and a FIFO or device is written through, never replaced.
 """
 
 import json
 import os
 import struct
-import sys
-import tempfile
+import stat
 import threading
 import time
 import zlib
@@ -174,29 +174,32 @@ def _join(started):
     return results
 
 
-class _Progress:
-    """A progress line on stderr, only when stderr is a terminal and there is a lot to write."""
+class _NoProgress:
+    def update(self, n):
+        pass
 
-    def __init__(self, total, label):
-        self.total, self.label, self.done = total, label, 0
-        self.on = total >= (64 << 20) and sys.stderr.isatty()
-        self.last = 0.0
+    def __enter__(self):
+        return self
 
-    def add(self, n):
-        self.done += n
-        if self.on and (time.monotonic() - self.last > 0.1 or self.done >= self.total):
-            self.last = time.monotonic()
-            sys.stderr.write(f"\r{self.label}: {self.done >> 20}/{self.total >> 20} MiB "
-                             f"{100 * self.done // max(self.total, 1)}%")
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+    def __exit__(self, *exc):
+        return False
 
 
-def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None):
-    """Write a snapshot of `vm` (its memory slots, irqchip, clock) and the given vCPU states.
-    Returns the file size. The extents are hashed on worker threads while this thread writes them
-    (both straight from guest memory, no copy); OSError when the file cannot be written."""
+def _progress(progress, total):
+    """`progress(total)` (a context manager whose update(n) counts bytes; the CLI passes a
+    progress bar on a terminal) or one that does nothing."""
+    return progress(total) if progress else _NoProgress()
+
+
+def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None, progress=None):
+    """Write a snapshot of `vm` (its memory slots, irqchip, clock) and the given vCPU states to
+    `path` through vmm.files.output: a regular file atomically (temporary file, fsync, rename), "-"
+    (standard output), a FIFO or a character device written through in order (zeros instead of
+    holes). Returns the file size. The extents are hashed on worker threads while this thread
+    writes them (both straight from guest memory, no copy). `progress(total_bytes)`, if given, is a
+    context manager whose update(n) counts guest memory written. vmm.files.FileError when the file
+    cannot be written."""
+    from . import files
     meta = {
         "format": f"{MAJOR}.{MINOR}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -234,29 +237,7 @@ def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None):
         offset = _align(offset + mem.size)
     total = offset
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    umask = os.umask(0)
-    os.umask(umask)
-    views = [mem.view for _, mem, _, _ in mems]
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # an ordinary file, not mkstemp's 0600
-        hashing = _parallel(lambda v=v, o=o, n=n: _xxh3(v[o:o + n])
-                            for v, (_, _, pieces, _) in zip(views, mems) for o, n in pieces)
-        try:
-            for (tag, data), (_, off, *_rest) in zip(blobs, entries[1:]):
-                os.pwrite(fd, data, off)
-            progress = _Progress(sum(n for _, _, pieces, _ in mems for _, n in pieces), "saving guest memory")
-            for view, (_, _, pieces, _), (_, base, *_rest) in zip(views, mems, entries[1 + len(blobs):]):
-                for off, n in pieces:
-                    chunk = view[off:off + n]
-                    done = 0
-                    while done < n:
-                        done += os.pwrite(fd, chunk[done:], base + off + done)
-                    chunk.release()
-                    progress.add(n)
-        finally:
-            hashes = _join(hashing)
+    def header(hashes):
         it = iter(hashes)
         for _, _, _, ext in mems:
             for e in ext:
@@ -269,24 +250,54 @@ def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None):
         for i, (tag, off, n, crc, flags) in enumerate(entries):
             _ENTRY.pack_into(head, _HEAD.size + i * _ENTRY.size, tag.encode(), off, n, crc, flags)
         struct.pack_into("<I", head, HEADER_SIZE - 4, zlib.crc32(head[:HEADER_SIZE - 4]))
-        os.pwrite(fd, head, 0)
-        os.pwrite(fd, meta_data, HEADER_SIZE)
-        os.ftruncate(fd, total)  # the tail of the last section may be a hole
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return bytes(head), meta_data
+
+    views = [mem.view for _, mem, _, _ in mems]
+    memory_bytes = sum(n for _, _, pieces, _ in mems for _, n in pieces)
+    try:
+        with files.output(path, binary=True) as f, _progress(progress, memory_bytes) as bar:
+            fd = f.fileno()
+            hashing = _parallel(lambda v=v, o=o, n=n: _xxh3(v[o:o + n])
+                                for v, (_, _, pieces, _) in zip(views, mems) for o, n in pieces)
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # sparse, memory first, the header last
+                try:
+                    for (tag, data), (_, off, *_rest) in zip(blobs, entries[1:]):
+                        os.pwrite(fd, data, off)
+                    for view, (_, _, pieces, _), (_, base, *_rest) in zip(views, mems, entries[1 + len(blobs):]):
+                        for off, n in pieces:
+                            chunk = view[off:off + n]
+                            done = 0
+                            while done < n:
+                                done += os.pwrite(fd, chunk[done:], base + off + done)
+                            chunk.release()
+                            bar.update(n)
+                finally:
+                    hashes = _join(hashing)
+                head, meta_data = header(hashes)
+                os.pwrite(fd, head, 0)
+                os.pwrite(fd, meta_data, HEADER_SIZE)
+                os.ftruncate(fd, total)  # the tail of the last section may be a hole
+            else:  # a pipe or a device: in order, after the hashes, zeros where a file has holes
+                head, meta_data = header(_join(hashing))
+                pos = 0
+
+                def put(data, at):
+                    nonlocal pos
+                    while pos < at:
+                        pos += f.write(bytes(min(at - pos, 1 << 20)))
+                    f.write(data)
+                    pos += len(data)
+                put(head, 0)
+                put(meta_data, HEADER_SIZE)
+                for (tag, data), (_, off, *_rest) in zip(blobs, entries[1:]):
+                    put(data, off)
+                for view, (_, _, pieces, _), (_, base, *_rest) in zip(views, mems, entries[1 + len(blobs):]):
+                    for off, n in pieces:
+                        chunk = view[off:off + n]
+                        put(chunk, base + off)
+                        chunk.release()
+                        bar.update(n)
+                put(b"", total)
     finally:
         for v in views:  # an open view would keep the mapping from closing
             v.release()
@@ -462,12 +473,13 @@ def load(path, check_memory=True):
     checked either way."""
     from .state import VcpuState
     from .errors import StateError
+    from . import files
     try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise SnapshotError(f"{path}: cannot open: {e.strerror}") from None
+        f = files.open_input(path, "vmm snapshot")  # a regular, non-empty file; mapped, not read whole
+    except files.FileError as e:
+        raise SnapshotError(str(e)) from None
     with f:
-        size = os.fstat(f.fileno()).st_size
+        size = f.size
         major, minor, sections = _read_header(f, size, path)
         for tag in ("meta", "vm"):
             if tag not in sections:

@@ -22,7 +22,7 @@ from .xsave_layout import (  # noqa: F401  (re-exported: vmm.xsave is the whole 
     APX, ARCH_SIZES, AVX, BNDCSR, BNDREGS, CET_S, CET_U, HDC, HEADER_OFFSET, HEADER_SIZE, HI16_ZMM, HWP,
     KVM_XSAVE_SIZE, LBR, LEGACY_SIZE, OPMASK, PASID, PKRU, PT, SSE, SSE_COMPONENT, UINTR, X87, X87_COMPONENT,
     XFEATURE_NAMES, XSAVE_MIN_SIZE, XTILECFG, XTILEDATA, XsaveComponent, XsaveError, XsaveLayout, ZMM_HI256, bits_of,
-    component_name, describe, kvm_xsave_size, mask_names, parse_mask)
+    check_xcr0_rules, component_name, describe, kvm_xsave_size, mask_names, parse_mask, xcr0_violations)
 
 __all__ = [
     "XsaveError",
@@ -36,6 +36,8 @@ __all__ = [
     "validate_for_set",
     "mask_names",
     "parse_mask",
+    "xcr0_violations",
+    "check_xcr0_rules",
 ]
 
 XSTATE_BV_OFFSET = 512

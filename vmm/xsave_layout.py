@@ -74,6 +74,51 @@ def parse_mask(text: str) -> int:
     return value
 
 
+# Components managed by IA32_XSS (supervisor state): never valid in XCR0 (SDM vol. 1, 13.2-13.3).
+SUPERVISOR_COMPONENTS = (PT, PASID, CET_U, CET_S, HDC, UINTR, LBR, HWP)
+
+
+def xcr0_violations(mask: int) -> list[str]:
+    """The architectural rules an XCR0 value breaks, one sentence each (empty: none).
+
+    The rules XSETBV enforces with #GP and KVM with EINVAL at KVM_SET_XCRS (SDM vol. 1, 13.3
+    "Enabling the XSAVE feature set and XSAVE-enabled features"; SDM vol. 2B XSETBV; Linux
+    arch/x86/kvm/x86.c __kvm_set_xcr): x87 is always set; AVX needs SSE; BNDREGS and BNDCSR
+    together; opmask, ZMM_Hi256 and Hi16_ZMM together and with AVX; XTILECFG with XTILEDATA;
+    supervisor components (IA32_XSS) and bit 63 are never in XCR0. Pure: no CPU or KVM involved."""
+    def has(*bits):
+        return [b for b in bits if mask >> b & 1]
+    out = []
+    if not has(X87):
+        out.append("x87 (bit 0) must always be set")
+    if has(AVX) and not has(SSE):
+        out.append("AVX (bit 2) needs SSE (bit 1)")
+    if len(has(BNDREGS, BNDCSR)) == 1:
+        out.append("BNDREGS (bit 3) and BNDCSR (bit 4) go together")
+    avx512 = has(OPMASK, ZMM_HI256, HI16_ZMM)
+    if avx512 and len(avx512) != 3:
+        out.append("opmask, ZMM_Hi256 and Hi16_ZMM (bits 5-7) go together; "
+                   f"{mask_names(sum(1 << b for b in avx512))} alone is invalid")
+    if avx512 and not has(AVX):
+        out.append("opmask/ZMM_Hi256/Hi16_ZMM (bits 5-7) need AVX (bit 2)")
+    if len(has(XTILECFG, XTILEDATA)) == 1:
+        out.append("XTILECFG (bit 17) and XTILEDATA (bit 18) go together")
+    sup = has(*SUPERVISOR_COMPONENTS)
+    if sup:
+        out.append(f"{mask_names(sum(1 << b for b in sup))}: supervisor state (IA32_XSS), never in XCR0")
+    if mask >> 63 & 1:
+        out.append("bit 63 is reserved")
+    return out
+
+
+def check_xcr0_rules(mask: int, what: str = "XCR0") -> None:
+    """Raise XsaveError naming every rule `mask` breaks (see xcr0_violations)."""
+    problems = xcr0_violations(mask)
+    if problems:
+        raise XsaveError(f"{what} {mask:#x} ({mask_names(mask)}) is not a valid XCR0: " + "; ".join(problems),
+                         problems)
+
+
 def describe(index: int) -> str:
     return f"{component_name(index)} ({index})"
 

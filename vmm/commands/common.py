@@ -153,6 +153,11 @@ device_option = click.option("--device", default=kvm_mod.DEFAULT_DEVICE, show_de
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 timeout_option = click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0,
                               show_default=True, help="Wall-clock limit for the guest, seconds.")
+MAX_MEMORY_MIB = 16 << 10  # the runtime's page tables map at most 16 GiB (guest/runtime.py MAX_PDS)
+memory_option = click.option("--memory", "memory_mib", type=click.IntRange(4, MAX_MEMORY_MIB), default=4,
+                             show_default=True, help=f"Guest RAM in MiB (4 to {MAX_MEMORY_MIB}).")
+at_sync_option = click.option("--at-sync", "at_sync", type=click.IntRange(1, 1 << 31), default=1,
+                              show_default=True, help="Act at the guest's N-th SYNC.")
 amx_option = click.option("--amx", is_flag=True,
                           help="Expose AMX to the guest (requests the arch_prctl guest permission first).")
 
@@ -174,18 +179,48 @@ class GuestArg(click.ParamType):
         return v
 
 
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def progress_bar(label, min_bytes=64 << 20):
+    """A progress factory for long snapshot I/O (vmm.snapshot's `progress`): click's progress bar on
+    stderr when stderr is a terminal and at least `min_bytes` move; None otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def make(total):
+        if total < min_bytes:
+            return _NoBar()
+        return click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False,
+                                 show_percent=True, show_eta=True)
+    return make
+
+
 def load_cpu(cpu_file):
     if not cpu_file:
         return None
-    from ..cpuid import CpuidTable
+    """The guest CPUID of a --cpu JSON file (vmm cpuid --json, vmm baseline), read bounded."""
+    from .. import files
+    from ..cpuid import CpuidError, CpuidTable
+    text = files.read_text(cpu_file, "guest CPUID JSON file", 16 << 20)
     try:
-        with open(cpu_file) as f:
-            data = json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise VmmError(f"{cpu_file}: not a CPUID JSON file ({e})") from None
     if isinstance(data, dict) and "cpuid" in data and "entries" not in data:
         data = data["cpuid"]  # a baseline or probe file carries the table under "cpuid"
-    return CpuidTable.from_json(data)
+    try:
+        return CpuidTable.from_json(data)
+    except (CpuidError, TypeError, KeyError, AttributeError) as e:
+        raise VmmError(f"{cpu_file}: not a guest CPUID table ({e})") from None
 
 
 def console_echo(as_json):

@@ -66,8 +66,12 @@ def _features(table, names):
 
 
 def _xcr0_option(value):
-    from ..xsave import parse_mask
-    return None if value is None else parse_mask(value)
+    from ..xsave import check_xcr0_rules, parse_mask
+    if value is None:
+        return None
+    mask = parse_mask(value)
+    check_xcr0_rules(mask, "--xcr0")  # before any ioctl
+    return mask
 
 
 @click.command("cpuid")
@@ -81,7 +85,7 @@ def _xcr0_option(value):
                    "probe report.")
 @click.option("--xcr0", metavar="MASK", help="With --vcpu: limit the guest CPUID and XCR0 to MASK "
                                              "(0x7 or x87|SSE|AVX).")
-@click.option("--at-sync", "at_sync", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--at-sync", "at_sync", type=click.IntRange(0, 1 << 31), default=0, show_default=True,
               help="With --vcpu: run the guest to its N-th SYNC first (0: before it runs).")
 @click.option("--feature", "features", metavar="NAME", multiple=True,
               help="Show only these named features (e.g. AVX512F, XSAVE); repeatable.")

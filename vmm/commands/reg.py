@@ -12,9 +12,9 @@ from .common import (_emit, exit_for_event, console_echo, device_option, handle_
                      run_to_end, run_to_sync, timeout_option)
 
 source_arg = click.argument("source", metavar="SOURCE")
-sync_option = click.option("--at-sync", "at_sync", type=click.IntRange(min=1), default=1, show_default=True,
+sync_option = click.option("--at-sync", "at_sync", type=click.IntRange(1, 1 << 31), default=1, show_default=True,
                            help="A running guest: act at its N-th SYNC.")
-vcpu_option = click.option("--vcpu", type=click.IntRange(min=0), default=0, show_default=True,
+vcpu_option = click.option("--vcpu", type=click.IntRange(0, 1023), default=0, show_default=True,
                            help="Which vCPU of the source.")
 
 CLASSES = ("gpr", "segment", "dtable", "control", "debug", "xcr", "msr", "xsave", "lapic", "vcpu")

@@ -1,5 +1,6 @@
 """`vmm snapshot`, `vmm restore`, `vmm inspect`: whole-VM snapshot files."""
 
+import json
 import os
 import struct
 import sys
@@ -7,17 +8,19 @@ import time
 
 import click
 
-from .common import (EXIT_GUEST, EXIT_OK, _emit, exit_for_event, console_echo, device_option, handle_errors, json_option,
+from .common import (EXIT_GUEST, EXIT_OK, _emit, exit_for_event, memory_option, progress_bar, console_echo, device_option, handle_errors, json_option,
                      amx_option, load_cpu, run_to_end, run_to_sync, timeout_option)
 
 
 @click.command("snapshot")
 @click.argument("guest")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Snapshot file to write.")
-@click.option("--at-sync", "at_sync", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("-o", "--output", required=True, metavar="FILE",
+              help="Snapshot file to write ('-': standard output; a FIFO or device is written through).")
+@click.option("--at-sync", "at_sync", type=click.IntRange(1, 1 << 31), default=1, show_default=True,
               help="Snapshot when every vCPU has reached its N-th SYNC.")
-@click.option("--vcpus", type=click.IntRange(1, 32), default=1, show_default=True)
-@click.option("--memory", "memory_mib", type=int, default=4, show_default=True, help="Guest RAM in MiB.")
+@click.option("--vcpus", type=click.IntRange(1, 32), default=1, show_default=True,
+              help="Number of vCPUs; each runs the guest from its entry (1 to 32).")
+@memory_option
 @click.option("--cpu", "cpu_file", type=click.Path(), default=None, help="Guest CPUID JSON (vmm baseline).")
 @timeout_option
 @amx_option
@@ -28,11 +31,8 @@ def snapshot_cmd(guest, output, at_sync, vcpus, memory_mib, cpu_file, timeout, a
     """Run GUEST to its N-th SYNC on every vCPU and write a snapshot of the whole VM to FILE."""
     from .. import snapshot, state
     from ..guest.machine import Machine
-    if at_sync < 1 or vcpus < 1:
-        raise ValueError("--at-sync and --vcpus must be at least 1")
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):  # before the guest runs, not after
-        raise ValueError(f"cannot write {output}: directory {out_dir} does not exist")
+    from .. import files
+    files.output_target(output)  # a missing directory or an unwritable kind of file: before the guest runs
     with Machine(guest, vcpus=vcpus, memory=memory_mib << 20, cpuid=load_cpu(cpu_file), device=device,
                  on_console=console_echo(as_json), amx=amx) as m:
         for i in range(vcpus):
@@ -41,22 +41,24 @@ def snapshot_cmd(guest, output, at_sync, vcpus, memory_mib, cpu_file, timeout, a
         states = [state.save_state(v, diagnose=True) for v in m.vcpus]
         size = snapshot.save(output, m.kvm, m.vm, m.vcpus, states,
                              guest={"name": m.image.name, "cpl": m.cpl},
-                             extra_meta={"at_sync": at_sync})
+                             extra_meta={"at_sync": at_sync}, progress=progress_bar("saving guest memory"))
         seconds = time.monotonic() - t0
-    on_disk = os.stat(output).st_blocks * 512
+    on_disk = os.stat(output).st_blocks * 512 if output != "-" and os.path.isfile(output) else None
     info = {"file": output, "guest": m.image.name, "at_sync": at_sync, "vcpus": vcpus,
             "memory_bytes": memory_mib << 20, "file_size": size, "allocated_bytes": on_disk,
             "seconds": round(seconds, 4)}
+    to_stdout = output == "-"  # the snapshot went to stdout: the summary goes to stderr
     if as_json:
-        _emit(info)
+        click.echo(json.dumps(info, indent=2), err=to_stdout)
     else:
         click.echo(f"snapshot of {m.image.name} at SYNC {at_sync} ({vcpus} vCPU{'s' * (vcpus > 1)}, "
-                   f"{memory_mib} MiB RAM) -> {output}: {size} bytes, {on_disk} allocated, "
-                   f"{seconds * 1000:.1f} ms")
+                   f"{memory_mib} MiB RAM) -> {output}: {size} bytes"
+                   f"{f', {on_disk} allocated' if on_disk is not None else ''}, {seconds * 1000:.1f} ms",
+                   err=to_stdout)
 
 
 @click.command("restore")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file")
 @timeout_option
 @device_option
 @json_option
@@ -91,7 +93,7 @@ def restore_cmd(file, timeout, device, as_json):
 
 @click.command("inspect")
 @click.argument("file", type=click.Path())
-@click.option("--vcpu", type=click.IntRange(min=0), default=None,
+@click.option("--vcpu", type=click.IntRange(0, 1023), default=None,
               help="Decode only this vCPU (default: every vCPU).")
 @click.option("--summary", is_flag=True, help="Only the summary, no per-vCPU decode.")
 @json_option

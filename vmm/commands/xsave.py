@@ -3,7 +3,7 @@
 import click
 
 from ..kvm import Kvm, is_pvm
-from ..xsave import (XsaveArea, XsaveError, XsaveLayout, component_name, kvm_xsave_size, mask_names,
+from ..xsave import (XsaveArea, check_xcr0_rules, XsaveError, XsaveLayout, component_name, kvm_xsave_size, mask_names,
                      parse_mask)
 from ..regfile import format_value
 from .common import (_emit, amx_option, console_echo, device_option, handle_errors, json_option, run_to_sync,
@@ -161,7 +161,7 @@ def _layout(dump, device, as_json):
 @click.option("--file", "dump", metavar="DUMP", type=click.Path(dir_okay=False),
               help="With --layout: a CPUID dump or `vmm cpuid --json` file (works without KVM).")
 @click.option("--xcr0", metavar="MASK", help="Limit the guest's CPUID and XCR0 to MASK (0x7 or x87|SSE|AVX).")
-@click.option("--at-sync", "at_sync", type=int, default=1, show_default=True,
+@click.option("--at-sync", "at_sync", type=click.IntRange(0, 1 << 31), default=1, show_default=True,
               help="Read the state at the guest's N-th SYNC (0: before it runs).")
 @click.option("--raw", is_flag=True, help="The raw buffer (hex dump; with --json a hex string).")
 @timeout_option
@@ -185,6 +185,8 @@ def xsave(guest, layout, dump, xcr0, at_sync, raw, timeout, amx, device, as_json
     if at_sync < 0:
         raise click.UsageError("--at-sync must be 0 or more")
     mask = None if xcr0 is None else parse_mask(xcr0)
+    if mask is not None:
+        check_xcr0_rules(mask, "--xcr0")  # before any ioctl
     from ..guest.machine import Machine
     with Kvm(device) as k:
         if amx:  # before anything reads the supported CPUID or creates a vCPU

@@ -5,7 +5,7 @@ import errno
 from .. import kvm as kvm_mod
 from ..errors import KvmError
 from .._bindings import lib
-from ..xsave_layout import XTILECFG, XTILEDATA
+from ..xsave_layout import XTILECFG, XTILEDATA, check_xcr0_rules
 from . import catalog, runtime
 from .runner import Runner
 
@@ -46,6 +46,8 @@ class Machine:
         if memory < runtime.MIN_MEMORY:
             raise ValueError(f"guest memory must be at least {runtime.MIN_MEMORY >> 20} MiB")
         self.args = _check_args(args)
+        if xcr0 is not None:  # the architectural rules before any ioctl (KVM_SET_XCRS would say EINVAL)
+            check_xcr0_rules(xcr0)
         self.image = guest if isinstance(guest, catalog.Image) else catalog.load(guest)
         self.image.check_fits(memory, vcpus)  # before any ioctl
         rt = self.runtime_image = catalog.load("runtime")
