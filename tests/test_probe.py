@@ -297,10 +297,10 @@ def test_bad_reports_are_refused_with_what_is_wrong(probed, tmp_path):
     broken = copy.deepcopy(report)
     broken["checks"][0]["status"] = "fine"
     del broken["host"]["xsave2"]
-    with pytest.raises(ReportError, match=r"\$\.checks\[0\]\.status: must be one of.*missing required field 'xsave2'|"
-                                          r"missing required field 'xsave2'.*\$\.checks\[0\]\.status"):
+    with pytest.raises(ReportError, match=r"\$\.checks\[0\]\.status: 'fine' is not one of .*; "
+                                          r"\$\.host: 'xsave2' is a required property"):
         probe.load_report(write("broken.json", json.dumps(broken)))
-    with pytest.raises(ReportError, match="cannot read"):
+    with pytest.raises(ReportError, match="missing.json: no such file"):
         probe.load_report(str(tmp_path / "missing.json"))
     assert probe.load_report(write("good.json", text))["schema"] == "vmm-probe-report/2"
     # a report of schema version 1 (no group, selftest or per-group summary) still reads: compat and
@@ -311,7 +311,7 @@ def test_bad_reports_are_refused_with_what_is_wrong(probed, tmp_path):
     for c in old["checks"]:
         del c["group"], c["selftest"]
     assert probe.load_report(write("v1.json", json.dumps(old)))["schema"] == "vmm-probe-report/1"
-    with pytest.raises(ReportError, match="missing required field 'group'"):
+    with pytest.raises(ReportError, match=r"\$\.checks\[0\]: 'group' is a required property"):
         probe.load_report(write("v2-without-group.json", json.dumps(dict(old, schema="vmm-probe-report/2"))))
 
 
@@ -337,42 +337,30 @@ def test_validator_accepts_what_the_schema_allows():
 
 
 @pytest.mark.parametrize("doc, message", [
-    ([], "$: expected object, got array"),
-    ({"kind": "a"}, "$: missing required field 'v'"),
-    ({"v": 2, "kind": "a"}, "$.v: must be 1"),
-    ({"v": True, "kind": "a"}, "$.v: must be 1"),  # true is not 1 in JSON
-    ({"v": 1, "kind": "c"}, "$.kind: must be one of \"a\", \"b\""),
-    ({"v": 1, "kind": 3}, "$.kind: expected string, got integer"),
-    ({"v": 1, "kind": "a", "n": False}, "$.n: expected integer or null, got boolean"),
-    ({"v": 1, "kind": "a", "n": 1.5}, "$.n: expected integer or null, got number"),
-    ({"v": 1, "kind": "a", "xs": [{"k": True}, {}]}, "$.xs[1]: missing required field 'k'"),
-    ({"v": 1, "kind": "a", "xs": [{"k": 1}]}, "$.xs[0].k: expected boolean, got integer"),
-    ({"v": 1, "kind": "a", "xs": [{"k": True, "j": 1}]}, "$.xs[0]: unexpected field 'j'"),
-    ({"v": 1, "kind": "a", "m": {"x": "1"}}, "$.m.x: expected number, got string"),
-    ({"v": 1, "kind": "a", "extra": 0}, "$: unexpected field 'extra'"),
+    ([], "$: [] is not of type 'object'"),
+    ({"kind": "a"}, "$: 'v' is a required property"),
+    ({"v": 2, "kind": "a"}, "$.v: 1 was expected"),
+    ({"v": True, "kind": "a"}, "$.v: 1 was expected"),  # true is not 1 in JSON
+    ({"v": 1, "kind": "c"}, "$.kind: 'c' is not one of ['a', 'b']"),
+    ({"v": 1, "kind": 3}, "$.kind: 3 is not of type 'string'"),
+    ({"v": 1, "kind": "a", "n": False}, "$.n: False is not of type 'integer', 'null'"),
+    ({"v": 1, "kind": "a", "n": 1.5}, "$.n: 1.5 is not of type 'integer', 'null'"),
+    ({"v": 1, "kind": "a", "xs": [{"k": True}, {}]}, "$.xs[1]: 'k' is a required property"),
+    ({"v": 1, "kind": "a", "xs": [{"k": 1}]}, "$.xs[0].k: 1 is not of type 'boolean'"),
+    ({"v": 1, "kind": "a", "xs": [{"k": True, "j": 1}]}, "$.xs[0]: Additional properties are not allowed ('j'"),
+    ({"v": 1, "kind": "a", "m": {"x": "1"}}, "$.m.x: '1' is not of type 'number'"),
+    ({"v": 1, "kind": "a", "extra": 0}, "$: Additional properties are not allowed ('extra'"),
 ])
 def test_validator_names_each_problem_with_its_path(doc, message):
     errors = probe.validate(doc, SCHEMA)
     assert any(e.startswith(message) for e in errors), errors
 
 
-def test_validator_refuses_keywords_it_does_not_implement():
-    with pytest.raises(ValueError, match="unsupported keywords: minimum"):
-        probe.validate(3, {"type": "integer", "minimum": 4})
-    with pytest.raises(ValueError, match="unknown type"):
-        probe.validate(3, {"type": "int"})
-
-
-def test_the_shipped_schema_uses_only_what_the_validator_implements():
+def test_the_shipped_schema_is_a_valid_json_schema_naming_this_version():
+    import jsonschema
     schema = probe.load_schema()
-
-    def walk(s):
-        assert set(s) <= probe.SUPPORTED_KEYWORDS, set(s) - probe.SUPPORTED_KEYWORDS
-        for sub in s.get("properties", {}).values():
-            walk(sub)
-        for key in ("items", "additionalProperties"):
-            if isinstance(s.get(key), dict):
-                walk(s[key])
-    walk(schema)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    with pytest.raises(jsonschema.SchemaError):
+        probe.validate(3, {"type": "int"})
     assert schema["properties"]["schema"]["const"] == probe.SCHEMA_ID
     assert set(schema["properties"]["checks"]["items"]["properties"]["status"]["enum"]) == set(probe.STATUSES)

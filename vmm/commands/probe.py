@@ -2,7 +2,6 @@
 another host, and the guest CPUID a whole pool of hosts can provide."""
 
 import json
-import os
 import sys
 
 import click
@@ -11,18 +10,10 @@ from .common import EXIT_GUEST, EXIT_OK, _emit, device_option, handle_errors, js
 
 
 def _write_json(path, obj):
-    """Write JSON to `path` through a temporary file in the same directory, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
+    """Write JSON to `path` through vmm.files.output: atomically for a regular file, through for a
+    FIFO or character device, '-' for standard output; never replacing anything else."""
+    from .. import files
+    files.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 PROBE_GROUPS = ("xsave", "amx", "cpuid", "msr", "state", "io")  # vmm.probe.GROUPS, without importing it
@@ -40,8 +31,9 @@ def _list_checks(as_json):
 
 
 @click.command("probe")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Also write the JSON report to FILE (for vmm compat / vmm baseline on other hosts).")
+@click.option("-o", "--output", metavar="FILE", default=None,
+              help="Also write the JSON report to FILE (for vmm compat / vmm baseline on other hosts; "
+                   "'-': standard output).")
 @click.option("--check", "names", multiple=True, metavar="NAME[,NAME...]",
               help="Run only these checks (repeatable, or comma-separated).")
 @click.option("--group", "groups", multiple=True, type=click.Choice(PROBE_GROUPS),
@@ -104,8 +96,8 @@ def compat_cmd(source, target, device, as_json):
 
 @click.command("baseline")
 @click.argument("hosts", nargs=-1, required=True, metavar="HOST...")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Guest CPUID file to write (for vmm run --cpu and vmm snapshot --cpu).")
+@click.option("-o", "--output", required=True, metavar="FILE",
+              help="Guest CPUID file to write (for vmm run --cpu and vmm snapshot --cpu; '-': standard output).")
 @device_option
 @json_option
 @handle_errors

@@ -26,12 +26,12 @@ from .core import (CHECKS, GROUPS, STATUSES, Context, ProbeError, check_names, g
                    sort_checks, xstate_bv)
 from .report import all_as_upstream, amx_from_checks, format_report, format_summary, host_info, make_report
 from .run import run_check, run_checks
-from .schema import (SCHEMA_ID, SUPPORTED_KEYWORDS, ReportError, check_report, load_report, load_schema,
+from .schema import (SCHEMA_ID, ReportError, check_report, load_report, load_schema,
                      validate)
 
 sort_checks()
 
-__all__ = ["CHECKS", "GROUPS", "STATUSES", "SUPPORTED_KEYWORDS", "Context", "ProbeError", "ReportError",
+__all__ = ["CHECKS", "GROUPS", "STATUSES", "Context", "ProbeError", "ReportError",
            "SCHEMA_ID", "all_as_upstream", "amx_from_checks", "check_names", "check_report", "format_report",
            "format_summary", "get_check", "host_info", "kernel_version", "load_report", "load_schema",
            "make_report", "run_check", "run_checks", "select", "validate", "xstate_bv"]

@@ -1,5 +1,5 @@
-"""Probe report files: the versioned schema and a validator for the subset of JSON Schema it uses
-(type, required, properties, items, enum, const, additionalProperties), on write and on read."""
+"""Probe report files: the versioned schema, validated with the `jsonschema` library on write and
+on read."""
 
 import json
 from pathlib import Path
@@ -18,71 +18,24 @@ class ReportError(VmmError):
     """A probe report file that cannot be used: says what is wrong with it."""
 
 
-# --- JSON Schema (the subset the shipped schema uses) ----------------------------------------------
-_TYPES = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-}
-SUPPORTED_KEYWORDS = {"type", "required", "properties", "items", "enum", "const", "additionalProperties",
-                      "$schema", "$id", "title", "description"}
-
-
-def validate(instance, schema, path="$"):
-    """Errors of `instance` against `schema` (type, required, properties, items, enum, const,
-    additionalProperties), each naming its JSON path; [] when it validates. A schema keyword
-    outside that subset raises ValueError rather than being ignored."""
-    unknown = set(schema) - SUPPORTED_KEYWORDS
-    if unknown:
-        raise ValueError(f"schema at {path} uses unsupported keywords: {', '.join(sorted(unknown))}")
-    errors = []
-    if "type" in schema:
-        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        for t in types:
-            if t not in _TYPES:
-                raise ValueError(f"schema at {path}: unknown type {t!r}")
-        if not any(_TYPES[t](instance) for t in types):
-            return [f"{path}: expected {' or '.join(types)}, got {_json_type(instance)}"]
-    if "const" in schema and not _json_equal(instance, schema["const"]):
-        errors.append(f"{path}: must be {json.dumps(schema['const'])}, got {json.dumps(instance)[:60]}")
-    if "enum" in schema and not any(_json_equal(instance, e) for e in schema["enum"]):
-        errors.append(f"{path}: must be one of {', '.join(json.dumps(e) for e in schema['enum'])}, "
-                      f"got {json.dumps(instance)[:60]}")
-    if isinstance(instance, dict):
-        for key in schema.get("required", []):
-            if key not in instance:
-                errors.append(f"{path}: missing required field {key!r}")
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties", True)
-        for key, value in instance.items():
-            sub = f"{path}.{key}"
-            if key in props:
-                errors += validate(value, props[key], sub)
-            elif extra is False:
-                errors.append(f"{path}: unexpected field {key!r}")
-            elif isinstance(extra, dict):
-                errors += validate(value, extra, sub)
-    if isinstance(instance, list) and "items" in schema:
-        for i, item in enumerate(instance):
-            errors += validate(item, schema["items"], f"{path}[{i}]")
-    return errors
+def validate(instance, schema):
+    """Errors of `instance` against the JSON Schema `schema` (its own $schema draft, default
+    2020-12), each "<JSON path>: <what is wrong>", ordered by path; [] when it validates.
+    Validation is the `jsonschema` library's; a schema that is itself invalid raises
+    jsonschema.SchemaError."""
+    import jsonschema  # lazily: only report reading and writing need it
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    errors = sorted(cls(schema).iter_errors(instance), key=lambda e: (e.json_path, e.message))
+    return [f"{e.json_path}: {e.message}" for e in errors]
 
 
 def _json_type(v):
-    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
-        if _TYPES[name](v):
+    for name, t in (("null", type(None)), ("boolean", bool), ("integer", int), ("number", float),
+                    ("string", str), ("array", list), ("object", dict)):
+        if isinstance(v, t):
             return name
     return type(v).__name__
-
-
-def _json_equal(a, b):
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    return a == b
 
 
 def load_schema(schema_id=SCHEMA_ID):
@@ -112,13 +65,11 @@ def check_report(data, source="report"):
 
 def load_report(path):
     """Read and validate a probe report file; raises ReportError with what is wrong."""
+    from .. import files
     try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise ReportError(f"{path}: cannot read: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ReportError(f"{path}: not a vmm probe report (not text)") from None
+        text = files.read_text(path, "vmm probe report", 64 << 20)
+    except files.FileError as e:
+        raise ReportError(str(e)) from None
     try:
         data = json.loads(text)
     except ValueError as e:
