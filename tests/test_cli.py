@@ -58,7 +58,7 @@ def test_caps_and_guests():
     (("run", "/nonexistent/g.bin"), "no such file"),
     (("snapshot", "sync", "-o", "/nonexistent/dir/s.snap"), "directory /nonexistent/dir does not exist"),
     (("run", "sync", "--timeout", "-1"), "not in the range"),
-    (("restore", "/nonexistent/s.snap"), "cannot open"),
+    (("restore", "/nonexistent/s.snap"), "/nonexistent/s.snap: no such file"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     r = vmm(*args)

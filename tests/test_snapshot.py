@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from vmm import amx, snapshot, state
 from vmm.cpuid import CpuidTable
 from vmm.errors import KvmError
+from vmm.files import FileError
 from vmm.guest.machine import Machine
 from vmm.snapshot import SnapshotError
 from vmm.xsave import XsaveLayout, component_name
@@ -151,7 +152,7 @@ def test_failed_save_leaves_the_old_file_intact(tmp_path, kvm, monkeypatch):
         def fail(fd):
             raise OSError(5, "Input/output error")
         monkeypatch.setattr(os, "fsync", fail)
-        with pytest.raises(OSError):
+        with pytest.raises(FileError, match="s.snap: cannot write: Input/output error"):
             snapshot.save(str(path), kvm, m.vm, m.vcpus, [s])
     assert path.read_bytes() == b"the old snapshot"
     assert os.listdir(tmp_path) == ["s.snap"]  # no temporary file left behind
