@@ -272,6 +272,10 @@ def test_kernel_versions_parse():
     assert probe.kernel_version("6.1") == (6, 1, 0)
     assert probe.kernel_version("5.15.0-91-generic") < (6, 6) <= probe.kernel_version("6.6.1")
     assert probe.kernel_version("weird") == (0, 0, 0)
+    # the KVM_SET_XSAVE-after-a-narrower-KVM_SET_CPUID2 fix: 6.6, and 6.1.60 in the 6.1 series
+    fixed = probe.core.has_set_xsave_fix
+    assert fixed((6, 1, 60)) and fixed((6, 6, 0)) and fixed((6, 18, 44)) and fixed((6, 12, 0))
+    assert not fixed((6, 1, 59)) and not fixed((6, 5, 13)) and not fixed((5, 17, 0))
 
 
 # --- reading reports ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ NEW = {
     "get_cpuid2_e2big", "set_cpuid2_after_run", "supported_xcr0_dependencies", "guest_initial_xcr0",
     "xsetbv_unsupported_gp", "xss_reset_and_save_list", "feature_msrs_reset", "hwcr_bits",
     "msrs_reset_write_read", "one_reg_agrees_with_msrs", "xsave_image_loads_anywhere", "amx_tiles_xfd_and_restore",
+    "msrs_guest_access",
 }
 
 
@@ -265,3 +266,21 @@ def test_amx_tiles_xfd_and_restore(res):
         assert c["status"] == "skipped" and "no AMX" in c["verdict"]
     else:
         assert (c["status"] == "as-upstream") == all(c["observed"]["value"].values())
+
+
+def test_msrs_guest_access(res, kvm):
+    """One access measured again: the guest's WRMSR of a non-canonical LSTAR."""
+    from vmm.guest.runtime import SCRATCH_BASE
+    c = res["msrs_guest_access"]
+    row = next(r for r in c["details"]["msrs"] if r["msr"] == "LSTAR")
+    with Machine("msr-access", kvm=kvm) as m:
+        assert m.run(timeout=2) == Sync(0, 0x100)
+        r = m.vcpu.get_regs()
+        r.rbx, r.r12, r.r13 = 0xC0000082, 1 << 56, 1
+        m.vcpu.set_regs(r)
+        ev = m.run(timeout=2)
+    seen = [ev.name] if isinstance(ev, Fault) else "0"
+    assert row["invalid"] == seen
+    assert ("LSTAR" in c["observed"]["value"]) == (seen != ["#GP"] or not row["read_back"]
+                                                    or row["after_invalid"] != hex(0xFFFFFFFF81000000))
+    assert SCRATCH_BASE == 0x300000  # where the guest stores what RDMSR read (vmm.inc SCRATCH)

@@ -1,8 +1,8 @@
 """Probe checks on registers: x86 ONE_REG, KVM_GET_REG_LIST, GUEST_SSP and the MSR index list."""
 
 from ..errors import KvmError, errno_name
-from .core import (EFER, EFER_NXE, EFER_SCE, ONE_REG_WHAT, attempt, check, hex_text, not_in_kernel,
-                   observed_err, observed_ok, pvm_note, result, skip, upstream)
+from .core import (EFER, EFER_NXE, EFER_SCE, GUEST_TIMEOUT, ONE_REG_WHAT, attempt, check, hex_text,
+                   not_in_kernel, observed_err, observed_ok, pvm_note, result, skip, upstream)
 
 
 # --- registers --------------------------------------------------------------------------------------
@@ -221,6 +221,9 @@ def _c_hwcr(ctx):
     bad = [b for b, (took, back) in answers.items()
            if took != bool((1 << b) & legal) or back != (1 << b) & HWCR_VALID]
     taken = [b for b, (took, _) in answers.items() if took]
+    if bad == [24] and 24 not in taken:
+        return not_in_kernel(ctx, "KVM keeps HWCR bit 24 (TscFreqSel) since Linux 6.6 ('KVM: x86: Virtualize "
+                             f"HWCR.TscFreqSel [bit 24]'); bits accepted here {taken}")
     obs = observed_ok(bad, f"bits accepted {taken}; kept " + str([b for b, (_, back) in answers.items() if back])
                       + (f"; differing bits {bad}" if bad else ""))
     exp = upstream("bits 3, 6, 8 accepted and read back as 0; 18 and 24 accepted and kept; every other bit "
@@ -240,12 +243,21 @@ def _msr_cases(ctx):
            ("KERNEL_GS_BASE", 0xC0000102, 0x00007FFF12345000, NON_CANONICAL),
            ("SYSENTER_CS", 0x174, 0x10, None),
            # 32-bit values: AMD keeps only the low half for an AMD guest; a non-canonical value is
-           # made canonical, not refused ('KVM: x86: Canonicalize SYSENTER_EIP/ESP on write')
+           # made canonical, not refused (arch/x86/kvm/x86.c, __kvm_set_msr)
            ("SYSENTER_ESP", 0x175, 0x12345000, None),
            ("SYSENTER_EIP", 0x176, 0x81001000, None)]
     if ctx.guest_cpuid.has("RDTSCP") or ctx.guest_cpuid.has("RDPID"):
         out.append(("TSC_AUX", 0xC0000103, 0x12, 1 << 32))
     return out
+
+
+def _after_invalid(ctx, name, invalid):
+    """What an invalid write does upstream: None when KVM refuses it, else the value it leaves. TSC_AUX
+    bits 63:32 are reserved for an Intel-compatible guest and dropped for others (AMD CPUs ignore
+    them; arch/x86/kvm/x86.c, __kvm_set_msr, MSR_TSC_AUX)."""
+    if name == "TSC_AUX" and "Intel" not in (ctx.guest_cpuid.vendor or ""):
+        return invalid & 0xFFFFFFFF
+    return None
 
 
 @check("msrs_reset_write_read", "MSRs reset to 0, read back what is written, refuse invalid values", "msr",
@@ -258,19 +270,23 @@ def _c_msrs_rw(ctx):
             reset = attempt(lambda: v.get_msrs([index])[index])
             wrote = attempt(lambda: v.set_msrs({index: value}) or 0)
             back = attempt(lambda: v.get_msrs([index])[index])
-            refused = None
+            refused = handled = None
             if invalid is not None:
-                refused = not attempt(lambda: v.set_msrs({index: invalid}) or 0)["ok"]
-                refused = refused and v.get_msrs([index])[index] == value
+                took = attempt(lambda: v.set_msrs({index: invalid}) or 0)["ok"]
+                now = v.get_msrs([index])[index]
+                refused = not took and now == value
+                want = _after_invalid(ctx, name, invalid)
+                handled = refused if want is None else took and now == want
             row = {"msr": name, "reset": reset["value"], "invalid_refused": refused,
-                   "read_back": back["value"] == value if back["ok"] else None}
+                   "invalid_as_upstream": handled, "read_back": back["value"] == value if back["ok"] else None}
             rows.append(row)
-            if reset["value"] != 0 or not wrote["ok"] or not row["read_back"] or refused is False:
+            if reset["value"] != 0 or not wrote["ok"] or not row["read_back"] or handled is False:
                 bad.append(name)
     obs = observed_ok(bad, f"{len(rows)} MSRs: " + ("each resets to 0, reads back, refuses its invalid value"
                                                    if not bad else f"differ: {', '.join(bad)}"))
-    exp = upstream("0 after reset; the written value reads back; a non-canonical address (or TSC_AUX bits 63:32) "
-                   "is refused even from the host, and the MSR keeps its value", [])
+    exp = upstream("0 after reset; the written value reads back; a non-canonical address is refused even from the "
+                   "host and the MSR keeps its value; TSC_AUX bits 63:32 likewise for an Intel-compatible guest, "
+                   "dropped for others", [])
     verdict = (f"{', '.join(r['msr'] for r in rows)}: as upstream" if not bad else
                f"{len(bad)} MSRs differ: {', '.join(bad)}")
     return result("VM and vCPU with the default guest CPUID; host-initiated accesses only (the selftest's guest "
@@ -305,3 +321,72 @@ def _c_one_reg_msrs(ctx):
     return result("VM and vCPU with the default guest CPUID", "KVM_SET_MSRS then KVM_GET_ONE_REG; KVM_SET_ONE_REG "
                   "then KVM_GET_MSRS, per MSR", obs, exp, verdict, status="as-upstream" if not bad else "differs",
                   details={"msrs": rows})
+
+
+@check("msrs_guest_access", "guest WRMSR/RDMSR: values read back, invalid ones raise #GP and change nothing",
+       "msr", selftest="msrs_test")
+def _c_msrs_guest(ctx):
+    from ..errors import GuestError
+    from ..guest.machine import Machine
+    from ..guest.runner import Fault, Sync
+    from ..guest.runtime import SCRATCH_BASE
+    try:
+        m = Machine("msr-access", kvm=ctx.kvm, cpuid=ctx.guest_cpuid)
+    except GuestError as e:
+        return skip(f"the msr-access guest is not available: {e}")
+    rows, bad, stopped = [], [], None
+
+    def access(index, value, write):
+        """(faults, value read, the event that ended it) of one WRMSR (when `write`) and RDMSR."""
+        ev = m.run(timeout=GUEST_TIMEOUT)
+        if ev != Sync(m.vcpu.id, 0x100):
+            return None, None, ev
+        r = m.vcpu.get_regs()
+        r.rbx, r.r12, r.r13 = index, value, int(write)
+        m.vcpu.set_regs(r)
+        faults = []
+        ev = m.run(timeout=GUEST_TIMEOUT)
+        while isinstance(ev, Fault) and ev.cs & 3 == 0 and len(faults) < 2:
+            faults.append(ev.name)
+            rsp = m.vcpu.get_regs().rsp  # the runtime's exception frame: vector, error, RIP, ...
+            rip = int.from_bytes(m.vm.read(rsp + 16, 8), "little")
+            m.vm.write(rsp + 16, (rip + 2).to_bytes(8, "little"))  # past the 2-byte WRMSR/RDMSR
+            ev = m.run(timeout=GUEST_TIMEOUT)
+        if ev != Sync(m.vcpu.id, 0x200):
+            return faults, None, ev
+        return faults, int.from_bytes(m.vm.read(SCRATCH_BASE, 8), "little"), ev
+    with m:
+        for name, index, value, invalid in _msr_cases(ctx):
+            faults, got, ev = access(index, value, True)
+            if got is None:
+                stopped = f"{name}: {ev}"
+                break
+            row = {"msr": name, "write": faults or "0", "read_back": got == value}
+            ok = not faults and got == value
+            if invalid is not None:
+                want = _after_invalid(ctx, name, invalid)
+                faults2, got2, ev = access(index, invalid, True)
+                if got2 is None:
+                    stopped = f"{name}: {ev}"
+                    break
+                row["invalid"] = faults2 or "0"
+                row["after_invalid"] = hex_text(got2)
+                if want is None:
+                    ok = ok and faults2 == ["#GP"] and got2 == value
+                else:
+                    ok = ok and not faults2 and got2 == want
+            rows.append(row)
+            if not ok:
+                bad.append(name)
+    if stopped:
+        bad.append(f"stopped at {stopped}")
+    obs = observed_ok(bad, f"{len(rows)} MSRs from the guest: " + ("as upstream" if not bad else
+                                                                   "differ: " + "; ".join(bad)))
+    exp = upstream("the guest's WRMSR of a valid value succeeds and RDMSR reads it back; WRMSR of a non-canonical "
+                   "address (TSC_AUX bits 63:32 for an Intel-compatible guest) raises #GP and leaves the MSR as "
+                   "it was", [])
+    verdict = ("the guest reads back what it writes and gets #GP for invalid values" if not bad else
+               f"guest MSR accesses differ for {', '.join(bad)}" + pvm_note(ctx))
+    return result("the msr-access guest: WRMSR then RDMSR through its CPL0 runtime services, per MSR a valid "
+                  "value and an invalid one; a #GP reported and skipped", "KVM_RUN per access", obs, exp, verdict,
+                  status="as-upstream" if not bad else "differs", details={"msrs": rows})

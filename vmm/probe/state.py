@@ -2,8 +2,8 @@
 into a fresh one whatever its guest CPUID."""
 
 from ..errors import KvmError, errno_name
-from .core import (GUEST_TIMEOUT, XTILE, check, hex_text, mask_text, not_in_kernel, observed_ok, pvm_note,
-                   raw_set_xsave, result, skip, upstream, xstate_bv)
+from .core import (GUEST_TIMEOUT, SET_XSAVE_FIX, XTILE, check, has_set_xsave_fix, hex_text, mask_text,
+                   not_in_kernel, observed_ok, pvm_note, raw_set_xsave, result, skip, upstream, xstate_bv)
 
 
 def _dirty(raw, layout, mask):
@@ -69,6 +69,9 @@ def _c_xsave_loads(ctx):
                 v.close()
     saved_bv = xstate_bv(image)
     bad = [k for k, a in answers.items() if a != "0"]
+    if bad and not has_set_xsave_fix(ctx.kver):
+        return not_in_kernel(ctx, f"{SET_XSAVE_FIX}; here {len(bad)} of {len(answers)} loads were refused "
+                             f"({answers[bad[0]]} for '{bad[0]}')")
     obs = observed_ok(answers, f"image XSTATE_BV {mask_text(saved_bv)}; " + (
         f"all {len(answers)} loads accepted" if not bad else "refused: " + "; ".join(
             f"{k}: {answers[k]}" for k in bad[:4])))
