@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from vmm import baseline, compat, snapshot
+from vmm import compat_inputs as sources  # noqa: E402
 from vmm.baseline import BaselineError
 from vmm.compat import CompatError, Guest, Host, compare
 from vmm.cpuid import CpuidEntry, CpuidTable
@@ -218,21 +219,21 @@ def test_unusable_inputs_are_refused_with_a_reason(tmp_path, content, message):
     p = tmp_path / "input"
     p.write_bytes(content)
     with pytest.raises(VmmError, match=message):
-        compat.load_host(str(p))
+        sources.load_host(str(p))
 
 
 def test_a_snapshot_or_baseline_is_not_a_destination_and_a_directory_is_nothing(tmp_path):
     (tmp_path / "s.snap").write_bytes(b"VMMSNAP\0" + bytes(100))
     with pytest.raises(CompatError, match="a snapshot is a guest, not a host"):
-        compat.load_host(str(tmp_path / "s.snap"))
+        sources.load_host(str(tmp_path / "s.snap"))
     (tmp_path / "b.json").write_text(json.dumps(baseline.compute([host(GENOA)])))
     with pytest.raises(CompatError, match="a baseline is a guest CPUID"):
-        compat.load_host(str(tmp_path / "b.json"))
-    assert compat.load_guest(str(tmp_path / "b.json")).kind == "cpuid"
+        sources.load_host(str(tmp_path / "b.json"))
+    assert sources.load_guest(str(tmp_path / "b.json")).kind == "cpuid"
     with pytest.raises(CompatError, match="is a directory"):
-        compat.load_host(str(tmp_path))
+        sources.load_host(str(tmp_path))
     with pytest.raises(CompatError, match="no such file"):
-        compat.load_guest(str(tmp_path / "nope"))
+        sources.load_guest(str(tmp_path / "nope"))
 
 
 # --- on this host ---------------------------------------------------------------------------------------
@@ -296,7 +297,7 @@ def test_compat_here_agrees_with_restore_on_a_snapshot_this_host_cannot_take(tmp
         s.cpuid = SPR.guest_for_xcr0(0x2E7)
         path = tmp_path / "spr.snap"
         snapshot.save(str(path), kvm, m.vm, m.vcpus, [s])
-    c = compare(compat.load_guest(str(path)), Host.here())
+    c = compare(sources.load_guest(str(path)), sources.here())
     assert not c.compatible and snapshot.host_problems(snapshot.load(str(path)), kvm) != []
     assert any("GenuineIntel" in p for p in c.problems)
 
@@ -344,3 +345,44 @@ def test_bad_reports_and_mixed_vendors_are_clear_errors(here, tmp_path):
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert r.stderr.startswith("vmm: error: ") and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.kvm
+def test_compat_of_a_snapshot_taken_here_lists_every_differing_cpuid_field_with_its_kind(tmp_path):
+    """Against the Genoa dump and against this host: each register where the guest's CPUID and what
+    the destination gives differ is listed field by field, each with its kind; the verdict is the
+    field model's (no field refuses and nothing else refuses -> yes). Here, the guest fits."""
+    from vmm.cpuid_model import FLAGS, FLAGS_INVERTED, MAX, EXACT, SKIP, XSAVE, UNKNOWN, normalized
+    path = tmp_path / "s.snap"
+    r = vmm("snapshot", "sync", "-o", str(path))
+    assert r.returncode == 0, r.stderr
+    guest = normalized(snapshot.load(str(path)).guest_cpuid())
+    for target in (GENOA_PATH, "here"):
+        r = vmm("compat", str(path), "--host", target, "--json")
+        assert r.returncode in (0, 1), r.stderr
+        d = json.loads(r.stdout)
+        there = normalized(sources.load_host(target).capability)
+        differing = set()
+        for e in list(guest) + list(there):
+            for reg in ("eax", "ebx", "ecx", "edx"):
+                a, b = guest.entry(e.function, e.index), there.entry(e.function, e.index)
+                if (a.reg(reg) if a else 0) != (b.reg(reg) if b else 0):
+                    differing.add((e.function, e.index if e.indexed else 0, reg))
+        fields = d["features"]["fields"]
+        listed = {(int(f["leaf"], 16), f["subleaf"], f["register"]) for f in fields}
+        if target == "here":  # the APIC ID of whichever CPU ran KVM_GET_SUPPORTED_CPUID in each process
+            per_cpu = {k for k in listed | differing if k[:2] == (1, 0) and k[2] == "ebx" or k[0] in (0xB, 0x1F)}
+            listed, differing = listed - per_cpu, differing - per_cpu
+        assert listed == differing
+        assert all(f["kind"] in (FLAGS, FLAGS_INVERTED, MAX, EXACT, SKIP, XSAVE, UNKNOWN) for f in fields)
+        refused = [f for f in fields if f["verdict"] == "problem"]
+        assert (r.returncode == 1) == bool(d["problems"])
+        assert bool(refused) <= (not d["compatible"])
+        text = vmm("compat", str(path), "--host", target).stdout
+        for f in fields:
+            if (int(f["leaf"], 16), f["subleaf"], f["register"]) in listed:
+                assert f"CPUID.({f['leaf']},{f['subleaf']}).{f['register'].upper()}[{f['bits']}]" in text
+        if target == "here":
+            # what may differ here: per-CPU fields (the APIC ID of the CPU KVM_GET_SUPPORTED_CPUID ran on)
+            assert d["compatible"] and r.returncode == 0 and not refused
+            assert all(f["verdict"] in ("skipped", "ok") for f in fields)

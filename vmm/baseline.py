@@ -1,58 +1,45 @@
 """`vmm baseline`: the guest CPUID every host of a pool can provide.
 
 Inputs are hosts (probe reports, CPUID dumps, `here`). The result starts from the default guest
-CPUID of the first probed host (the first input when none is probed) and keeps:
-  * each feature bit of the feature registers (leaves 1, 7, 0xD.1, 0x80000001, 0x80000007,
-    0x80000008 EBX, 0x80000021 EAX) only when every host has it; bits the guest OS or KVM maintain
-    (OSXSAVE, OSPKE, HYPERVISOR) stay as the base has them;
+CPUID of the first probed host (the first input when none is probed) and makes every field fit every
+host by the CPUID field model (vmm.cpuid_model.merge_tables), the one `vmm compat` judges by:
+  * feature flags only when every host has them (OSXSAVE, OSPKE, HYPERVISOR and the other skipped
+    fields stay as the base has them); vendor-derived bits as KVM derives them on each host;
+  * bounding numbers (max leaves, address widths, leaf 7 sub-leaf count, XSAVE sizes, counters)
+    at the smallest; unknown bits that differ cleared, with a warning each;
   * each XSAVE component only when every host supports it at the same standard offset and size,
     and IA32_XSS bits every host supports; AMX never (it needs a permission `vmm run --cpu` does
     not ask for); CPUID leaf 0xD sizes and the feature bits that depend on a dropped component
-    follow (CpuidTable.guest_for_xcr0);
-  * the smallest physical and linear address widths (0x80000008 EAX) and leaf 7 sub-leaf count;
+    follow (CpuidTable.guest_for_xcr0). A host whose XSAVE components overlap is refused;
   * APIC IDs (leaf 1 EBX[31:24], leaf 0xB/0x1F EDX) of vCPU 0, whatever CPU the prober ran on.
-Hosts must agree on the vendor. The result is checked with `vmm compat` logic against every input
-before it is returned, so a guest started anywhere in the pool can be restored anywhere in it.
+Hosts must agree on the vendor. The result is checked with `vmm compat` (compat.compare) against
+every input before it is returned, so a guest started anywhere in the pool can be restored anywhere.
 """
 
-from .compat import OS_CONTROLLED, XTILE, CompatError, Guest, compare, load_host
-from .cpuid import CpuidTable
+from .compat import BASELINE_SCHEMA, XTILE, CompatError, Guest, compare
+from .cpuid import FEATURES
+from .cpuid_model import SKIP, fields_of, merge_tables
 from .xsave import XsaveLayout, bits_of, component_name, mask_names
 
-SCHEMA_ID = "vmm-baseline/1"
-
-# (leaf, subleaf, register) holding feature flags: ANDed over the hosts.
-FEATURE_REGISTERS = (
-    (0x1, 0, "ecx"), (0x1, 0, "edx"),
-    (0x7, 0, "ebx"), (0x7, 0, "ecx"), (0x7, 0, "edx"),
-    (0x7, 1, "eax"), (0x7, 1, "ebx"), (0x7, 1, "ecx"), (0x7, 1, "edx"), (0x7, 2, "edx"),
-    (0xD, 1, "eax"),
-    (0x80000001, 0, "ecx"), (0x80000001, 0, "edx"),
-    (0x80000007, 0, "edx"), (0x80000008, 0, "ebx"), (0x80000021, 0, "eax"),
-)
+SCHEMA_ID = BASELINE_SCHEMA
 
 
 class BaselineError(CompatError):
-    """Hosts that have no common guest CPUID (different vendors), or no hosts."""
+    """Hosts that have no common guest CPUID (different vendors, overlapping XSAVE layouts), or no hosts."""
 
 
-def _reg(table, leaf, sub, reg):
-    e = table.entry(leaf, sub)
-    return e.reg(reg) if e is not None else 0
-
-
-def _keep_mask(leaf, sub, reg):
-    """Bits of this register that stay as the base has them (OS- or KVM-maintained)."""
-    mask = 0
-    for name in OS_CONTROLLED:
-        f = CpuidTable.feature(name)
-        if (f.leaf, f.subleaf, f.register) == (leaf, sub, reg):
-            mask |= 1 << f.bit
-    return mask
+def _skipped_names():
+    """Named feature bits the field model does not compare (OS- or KVM-maintained)."""
+    out = set()
+    for n, f in FEATURES.items():
+        for fld in fields_of(f.leaf, f.subleaf, f.register):
+            if fld.lo <= f.bit <= fld.hi and fld.kind == SKIP:
+                out.add(n)
+    return out
 
 
 def compute(hosts):
-    """The baseline of `hosts` (compat.Host objects): a dict with the guest CPUID under "cpuid"."""
+    """The baseline of `hosts` (vmm.host.Host objects): a dict with the guest CPUID under "cpuid"."""
     if not hosts:
         raise BaselineError("baseline: no hosts given")
     vendors = {h.vendor for h in hosts}
@@ -60,38 +47,28 @@ def compute(hosts):
         raise BaselineError("baseline: the hosts disagree on the vendor ("
                             + ", ".join(f"{h.label}: {h.vendor}" for h in hosts)
                             + "); a guest cannot move between CPU vendors, so there is no common guest CPUID")
+    layouts = [(h, h.layout) for h in hosts]
+    overlaps = [f"{h.label}: {p}" for h, lay in layouts for p in lay.overlap_problems()]
+    if overlaps:
+        raise BaselineError("baseline: XSAVE components overlap in the standard format, so no guest "
+                            "state can be laid out for every host: " + "; ".join(overlaps))
     base = next((h for h in hosts if h.kind in ("report", "here")), hosts[0])
     caps = [h.guest_cpuid(h.supported.xcr0_supported() & ~XTILE) for h in hosts]
-    table = base.guest_cpuid(base.supported.xcr0_supported() & ~XTILE)
+    table, warnings = merge_tables(base.guest_cpuid(base.supported.xcr0_supported() & ~XTILE), caps)
 
-    for leaf, sub, reg in FEATURE_REGISTERS:
-        e = table.entry(leaf, sub)
-        if e is None:
-            continue
-        keep = _keep_mask(leaf, sub, reg)
-        value = e.reg(reg)
-        for c in caps:
-            value &= _reg(c, leaf, sub, reg) | keep
-        setattr(e, reg, value)
-    e7 = table.entry(0x7, 0)
-    if e7 is not None:
-        e7.eax = min(_reg(c, 0x7, 0, "eax") for c in caps)
-    e8 = table.entry(0x80000008, 0)
-    if e8 is not None and all(c.entry(0x80000008, 0) for c in caps):
-        phys = min(c.entry(0x80000008, 0).eax & 0xFF for c in caps)
-        virt = min(c.entry(0x80000008, 0).eax >> 8 & 0xFF for c in caps)
-        e8.eax = (e8.eax & ~0xFFFF) | virt << 8 | phys
-
-    # XSAVE: components every host has at the same place; IA32_XSS bits every host has
-    layouts = [(h, h.layout) for h in hosts]
+    # XSAVE: components every host has at the same place (the flags merge already kept only XCR0
+    # bits every host supports)
     xcr0 = table.xcr0_supported() & ~XTILE
+    mine_layout = layouts[hosts.index(base)][1]
     dropped_components = []
     for i in list(bits_of(xcr0 & ~0x3)):
-        mine = layouts[hosts.index(base)][1].components[i]
+        mine = mine_layout.components.get(i)
         for h, lay in layouts:
             other = lay.components.get(i)
-            if not h.table.xcr0_supported() >> i & 1 or other is None:
+            if not h.table.xcr0_supported() >> i & 1:
                 why = f"not supported on {h.label}"
+            elif mine is None or other is None:
+                why = f"its offset is unknown on {base.label if mine is None else h.label}"
             elif (other.offset, other.size) != (mine.offset, mine.size):
                 why = f"{mine.size}@{mine.offset} on {base.label}, {other.size}@{other.offset} on {h.label}"
             else:
@@ -99,12 +76,6 @@ def compute(hosts):
             xcr0 &= ~(1 << i)
             dropped_components.append({"index": i, "name": component_name(i), "why": why})
             break
-    d1 = table.entry(0xD, 1)
-    if d1 is not None:
-        xss = d1.edx << 32 | d1.ecx
-        for c in caps:
-            xss &= c.xss_supported()
-        d1.ecx, d1.edx = xss & 0xFFFFFFFF, xss >> 32
     table = table.guest_for_xcr0(xcr0)
     # KVM_GET_SUPPORTED_CPUID passes through the APIC ID of whichever CPU the prober ran on: give the
     # file vCPU 0's, so the same pool always yields the same file
@@ -117,7 +88,7 @@ def compute(hosts):
 
     # what was left out, by name, and why
     features = table.features()
-    anywhere = set().union(*(c.features() for c in caps)) - OS_CONTROLLED
+    anywhere = set().union(*(c.features() for c in caps)) - _skipped_names()
     dropped = []
     for f in sorted(anywhere - features):
         lacking = [h.label for h, c in zip(hosts, caps) if not c.has(f)]
@@ -146,14 +117,14 @@ def compute(hosts):
         "dropped_components": dropped_components + ([{"index": 18, "name": "XTILEDATA",
                                                       "why": "AMX needs a guest permission; left out"}]
                                                     if any(h.table.xcr0_supported() & XTILE for h in hosts) else []),
+        "warnings": warnings,
         "cpuid": table.to_json(),
     }
 
 
-
-
 def baseline(specs, device="/dev/kvm"):
     """compute() over the hosts named by `specs` (probe reports, CPUID dumps, 'here')."""
+    from .compat_inputs import load_host
     return compute([load_host(s, device) for s in specs])
 
 
@@ -175,6 +146,8 @@ def format_baseline(b, output=None):
         lines.append(f"dropped {len(b['dropped_features'])} features:")
         for why, names in by_why.items():
             lines.append(f"  {why}: {' '.join(names)}")
+    for w in b.get("warnings", []):
+        lines.append(f"warning: {w}")
     if output:
         lines.append(f"-> {output} (vmm run --cpu {output}, vmm snapshot --cpu {output})")
     return "\n".join(lines) + "\n"

@@ -122,6 +122,7 @@ FEATURES: dict[str, Feature] = {
     "SSSE3": _f(1, 0, "ecx", 9),
     "FMA": _f(1, 0, "ecx", 12),
     "CX16": _f(1, 0, "ecx", 13),
+    "PDCM": _f(1, 0, "ecx", 15),
     "PCID": _f(1, 0, "ecx", 17),
     "SSE4_1": _f(1, 0, "ecx", 19),
     "SSE4_2": _f(1, 0, "ecx", 20),
@@ -138,6 +139,7 @@ FEATURES: dict[str, Feature] = {
     "HYPERVISOR": _f(1, 0, "ecx", 31),
     # CPUID.(07H,0):EBX
     "FSGSBASE": _f(7, 0, "ebx", 0),
+    "TSC_ADJUST": _f(7, 0, "ebx", 1),
     "BMI1": _f(7, 0, "ebx", 3),
     "HLE": _f(7, 0, "ebx", 4),
     "AVX2": _f(7, 0, "ebx", 5),
@@ -181,6 +183,7 @@ FEATURES: dict[str, Feature] = {
     "MOVDIRI": _f(7, 0, "ecx", 27),
     "MOVDIR64B": _f(7, 0, "ecx", 28),
     "ENQCMD": _f(7, 0, "ecx", 29),
+    "SGX_LC": _f(7, 0, "ecx", 30),
     "PKS": _f(7, 0, "ecx", 31),
     # CPUID.(07H,0):EDX
     "AVX512_4VNNIW": _f(7, 0, "edx", 2),
@@ -233,6 +236,13 @@ FEATURES: dict[str, Feature] = {
     "CET_SSS": _f(7, 1, "edx", 18),
     "AVX10": _f(7, 1, "edx", 19),
     "APX_F": _f(7, 1, "edx", 21),
+    # CPUID.(07H,2):EDX (SDM vol. 2A, table 3-8)
+    "PSFD": _f(7, 2, "edx", 0),
+    "IPRED_CTRL": _f(7, 2, "edx", 1),
+    "RRSBA_CTRL": _f(7, 2, "edx", 2),
+    "DDPD_U": _f(7, 2, "edx", 3),
+    "BHI_CTRL": _f(7, 2, "edx", 4),
+    "MCDT_NO": _f(7, 2, "edx", 5),
     # CPUID.(0DH,1):EAX
     "XSAVEOPT": _f(0xD, 1, "eax", 0),
     "XSAVEC": _f(0xD, 1, "eax", 1),
@@ -248,6 +258,7 @@ FEATURES: dict[str, Feature] = {
     "XOP": _f(0x80000001, 0, "ecx", 11),
     "FMA4": _f(0x80000001, 0, "ecx", 16),
     "TBM": _f(0x80000001, 0, "ecx", 21),
+    "PERFCTR_CORE": _f(0x80000001, 0, "ecx", 23),
     "TOPOEXT": _f(0x80000001, 0, "ecx", 22),
     # CPUID.80000001H:EDX
     "SYSCALL": _f(0x80000001, 0, "edx", 11),
@@ -255,6 +266,41 @@ FEATURES: dict[str, Feature] = {
     "PDPE1GB": _f(0x80000001, 0, "edx", 26),
     "RDTSCP": _f(0x80000001, 0, "edx", 27),
     "LM": _f(0x80000001, 0, "edx", 29),
+    # CPUID.80000007H:EDX
+    "INVARIANT_TSC": _f(0x80000007, 0, "edx", 8),
+    # CPUID.80000008H:EBX (AMD APM vol. 3, E.4.7; Linux cpufeatures.h names)
+    "CLZERO": _f(0x80000008, 0, "ebx", 0),
+    "IRPERF": _f(0x80000008, 0, "ebx", 1),
+    "XSAVEERPTR": _f(0x80000008, 0, "ebx", 2),
+    "RDPRU": _f(0x80000008, 0, "ebx", 4),
+    "MCOMMIT": _f(0x80000008, 0, "ebx", 8),
+    "WBNOINVD": _f(0x80000008, 0, "ebx", 9),
+    "AMD_IBPB": _f(0x80000008, 0, "ebx", 12),
+    "AMD_IBRS": _f(0x80000008, 0, "ebx", 14),
+    "AMD_STIBP": _f(0x80000008, 0, "ebx", 15),
+    "AMD_STIBP_ALWAYS_ON": _f(0x80000008, 0, "ebx", 17),
+    "AMD_PPIN": _f(0x80000008, 0, "ebx", 23),
+    "AMD_SSBD": _f(0x80000008, 0, "ebx", 24),
+    "VIRT_SSBD": _f(0x80000008, 0, "ebx", 25),
+    "AMD_SSB_NO": _f(0x80000008, 0, "ebx", 26),
+    "AMD_PSFD": _f(0x80000008, 0, "ebx", 28),
+    "BTC_NO": _f(0x80000008, 0, "ebx", 29),
+    "AMD_IBPB_RET": _f(0x80000008, 0, "ebx", 30),
+    # CPUID.80000022H:EAX
+    "PERFMON_V2": _f(0x80000022, 0, "eax", 0),
+    # CPUID.80000021H:EAX/ECX (AMD APM vol. 3; Linux cpufeatures.h names)
+    "NO_NESTED_DATA_BP": _f(0x80000021, 0, "eax", 0),
+    "WRMSR_XX_BASE_NS": _f(0x80000021, 0, "eax", 1),
+    "LFENCE_RDTSC": _f(0x80000021, 0, "eax", 2),
+    "VERW_CLEAR": _f(0x80000021, 0, "eax", 5),
+    "NULL_SEL_CLR_BASE": _f(0x80000021, 0, "eax", 6),
+    "AUTOIBRS": _f(0x80000021, 0, "eax", 8),
+    "NO_SMM_CTL_MSR": _f(0x80000021, 0, "eax", 9),
+    "SBPB": _f(0x80000021, 0, "eax", 27),
+    "IBPB_BRTYPE": _f(0x80000021, 0, "eax", 28),
+    "SRSO_NO": _f(0x80000021, 0, "eax", 29),
+    "TSA_SQ_NO": _f(0x80000021, 0, "ecx", 1),
+    "TSA_L1_NO": _f(0x80000021, 0, "ecx", 2),
 }
 
 _AVX512_FEATURES = tuple(n for n in FEATURES if n.startswith("AVX512")) + ("AVX10",)

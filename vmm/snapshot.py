@@ -30,6 +30,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from .errors import VmmError
+from .host import Host, fingerprint
 
 MAGIC = b"VMMSNAP\0"
 MAJOR, MINOR = 2, 0
@@ -78,22 +79,6 @@ class Snapshot:
 
 def _align(n):
     return (n + PAGE - 1) & ~(PAGE - 1)
-
-
-# --- host fingerprint ----------------------------------------------------------------------------
-def host_fingerprint(kvm):
-    """What a destination needs to know about the source host (also recorded by `vmm probe`)."""
-    from .kvm import is_pvm
-    from .xsave import XsaveLayout
-    supported = kvm.get_supported_cpuid()
-    return {
-        "kernel": os.uname().release,
-        "vendor": supported.vendor,
-        "pvm": is_pvm(),
-        "capabilities": kvm.caps(),
-        "supported_cpuid": supported.to_json(),
-        "xsave_layout": XsaveLayout.from_cpuid(supported).to_json(),
-    }
 
 
 # --- save ----------------------------------------------------------------------------------------
@@ -205,7 +190,7 @@ def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None, progress=Non
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "guest": guest or {},
         "vm": {"irqchip": vm.has_irqchip, "vcpus": len(states), "memory": []},
-        "host": host_fingerprint(kvm),
+        "host": fingerprint(kvm),
         **(extra_meta or {}),
     }
     vm_state = {"clock": vm.get_clock()}
@@ -522,39 +507,12 @@ def load(path, check_memory=True):
 
 # --- destination checks --------------------------------------------------------------------------
 def host_problems(snap, kvm):
-    """Why this host cannot restore the snapshot: guest CPUID features, XSAVE components and the XSAVE
-    size the host cannot provide. An empty list means it can. (`vmm compat` judges by the same rules,
-    with more detail; tests/test_compat.py keeps the two in agreement.)"""
-    from .compat import OS_CONTROLLED
-    from .xsave import XsaveLayout
-    supported = kvm.supported_cpuid()  # cached, keyed by the guest XSAVE permission; only read here
-    host = supported.guest_for_xcr0(supported.xcr0_supported())
-    guest = snap.guest_cpuid()
-    problems = []
-    if guest.vendor and supported.vendor and guest.vendor != supported.vendor:
-        problems.append(f"vendor: the guest ran on {guest.vendor}, this host is {supported.vendor}")
-    missing = sorted(guest.features() - host.features() - OS_CONTROLLED)
-    if missing:
-        problems.append("guest CPUID features this host lacks: " + ", ".join(missing))
-    g_layout, h_layout = XsaveLayout.from_cpuid(guest), XsaveLayout.from_cpuid(supported)
-    xcr0 = guest.xcr0_supported()
-    for idx in sorted(i for i in g_layout.components if xcr0 >> i & 1 and i >= 2):
-        g, h = g_layout.components[idx], h_layout.components.get(idx)
-        if h is None or not (supported.xcr0_supported() >> idx & 1):
-            problems.append(f"XSAVE component {g.name} ({idx}) is not supported here")
-        elif (g.offset, g.size) != (h.offset, h.size):
-            problems.append(f"XSAVE component {g.name} ({idx}) is {g.size}@{g.offset} in the snapshot, "
-                            f"{h.size}@{h.offset} here")
-    from .state import fit_xsave
-    from .errors import StateError
-    here = kvm.check_extension("KVM_CAP_XSAVE2") or 4096
-    for i, s in enumerate(snap.vcpus):
-        try:
-            fit_xsave(s.xsave, here)
-        except StateError as e:
-            problems.append(f"vCPU {i}: {e}")
-            break
-    return problems
+    """Why this host (this process's /dev/kvm, with the AMX permission it holds) cannot restore the
+    snapshot, in words; an empty list means it can. The judge is vmm.compat.compare, the one
+    `vmm compat` uses, worded "in the snapshot ... here"."""
+    from .compat import RESTORE, Guest, compare
+    guest = Guest.from_snapshot(snap, f"snapshot {snap.path}")
+    return compare(guest, Host.from_kvm(kvm), RESTORE).problems
 
 
 def _request_amx_permission(snap):

@@ -26,6 +26,7 @@ regs/sregs/events travel in kvm_run (KVM_CAP_SYNC_REGS), CPUID and TSC kHz are s
 import errno
 from dataclasses import dataclass
 
+from . import msr_features
 from ._bindings import ffi, lib
 from .cpuid import CpuidTable
 from .cstructs import Regs, Sregs, Segment, DTable
@@ -41,16 +42,8 @@ MSR_IA32_U_CET, MSR_IA32_S_CET = 0x6A0, 0x6A2
 CET_SSP_MSRS = (0x6A4, 0x6A5, 0x6A6, 0x6A7, 0x6A8)  # PL0-3_SSP, INT_SSP_TAB
 
 # MSRs that exist for a guest only when its CPUID gives it the feature: saved and restored only
-# then, so no state is generated for a feature the guest was not given.
-FEATURE_GATED_MSRS = {
-    MSR_IA32_XFD: ("XFD",),
-    MSR_IA32_XFD_ERR: ("XFD",),
-    MSR_IA32_XSS: ("XSAVES",),
-    MSR_TSC_AUX: ("RDTSCP", "RDPID"),
-    MSR_IA32_U_CET: ("SHSTK", "IBT"),
-    MSR_IA32_S_CET: ("SHSTK", "IBT"),
-    **{m: ("SHSTK",) for m in CET_SSP_MSRS},
-}
+# then, so no state is generated for a feature the guest was not given (one table: vmm.msr_features).
+FEATURE_GATED_MSRS = msr_features.GATED
 
 
 _gated_cache = {}
@@ -61,7 +54,7 @@ def gated_msrs(cpuid):
     hit = _gated_cache.get(id(cpuid))
     if hit is not None and hit[0] is cpuid:  # the same table object as last time
         return hit[1]
-    gated = sorted(m for m, feats in FEATURE_GATED_MSRS.items() if any(cpuid.has(f) for f in feats))
+    gated = msr_features.gated_for(cpuid)
     if len(_gated_cache) > 64:
         _gated_cache.clear()
     _gated_cache[id(cpuid)] = (cpuid, gated)
@@ -283,9 +276,7 @@ def xsave_restored_as_saved(got, saved):
 def check_restorable(vcpu, state):
     """Refuse, before any ioctl, state this vCPU cannot take. Returns the XSAVE image to load."""
     xsave = fit_xsave(state.xsave, vcpu.xsave_size())
-    gated = set(FEATURE_GATED_MSRS)
-    allowed = set(gated_msrs(state.cpuid))
-    stray = sorted(m for m in state.msrs if m in gated and m not in allowed)
+    stray = msr_features.withheld(state.msrs, state.cpuid)
     if stray:
         raise StateError("the state carries MSRs for features its guest CPUID does not have: "
                          + ", ".join(f"0x{m:x} ({'/'.join(FEATURE_GATED_MSRS[m])})" for m in stray))

@@ -80,12 +80,13 @@ def compat_cmd(source, target, device, as_json):
     """Can a guest from SOURCE run, or be restored, on TARGET?
 
     SOURCE is a snapshot file, a guest CPUID file (vmm baseline), or a host (a probe report, a
-    CPUID dump, `here`) whose default guest is meant. Compares vendor, CPUID features, each XSAVE
-    component's offset and size, the XSAVE size against KVM_CAP_XSAVE2, the MSRs the state
+    CPUID dump, `here`) whose default guest is meant. Compares vendor, every CPUID field by its
+    kind (feature flags, bounding numbers, skipped per-host fields, unknown bits as warnings), each
+    XSAVE component's offset and size (no overlaps), the XSAVE size against KVM_CAP_XSAVE2, the MSRs the state
     carries and AMX permission. Exit status 0 for yes, 1 for no, 2 for unusable input."""
-    from .. import compat
-    guest = compat.load_guest(source, device)
-    host = compat.load_host(target, device)
+    from .. import compat, compat_inputs as sources
+    guest = sources.load_guest(source, device)
+    host = sources.load_host(target, device)
     c = compat.compare(guest, host)
     if as_json:
         _emit(c.to_json())

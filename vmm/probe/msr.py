@@ -86,7 +86,8 @@ def _c_ssp(ctx):
 
 @check("msr_index_list", "KVM_GET_MSR_INDEX_LIST, and which of its MSRs read back", "msr")
 def _c_msrs(ctx):
-    from ..regs import _MSR_NAME_BY_INDEX
+    from ..regs import MSRS
+    names = {i: n for n, i in MSRS.items()}
     indices = ctx.kvm.get_msr_index_list()
     features = ctx.kvm.get_msr_feature_index_list()
     rows, unreadable = [], []
@@ -95,11 +96,11 @@ def _c_msrs(ctx):
         for i in indices:
             try:
                 value = v.get_msrs([i])[i]
-                rows.append({"index": hex_text(i), "name": _MSR_NAME_BY_INDEX.get(i), "readable": True,
+                rows.append({"index": hex_text(i), "name": names.get(i), "readable": True,
                              "value": hex_text(value)})
             except KvmError:
                 unreadable.append(i)
-                rows.append({"index": hex_text(i), "name": _MSR_NAME_BY_INDEX.get(i), "readable": False,
+                rows.append({"index": hex_text(i), "name": names.get(i), "readable": False,
                              "value": None})
     readable = len(indices) - len(unreadable)
     obs = observed_ok(readable, f"{len(indices)} MSRs listed, {readable} read back"

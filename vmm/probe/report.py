@@ -14,7 +14,7 @@ def host_info(device="/dev/kvm"):
     from .. import amx
     from ..cpuid import CpuidTable
     from ..kvm import Kvm
-    from ..snapshot import host_fingerprint
+    from ..host import fingerprint
 
     def perm(code):
         try:
@@ -22,7 +22,7 @@ def host_info(device="/dev/kvm"):
         except KvmError:
             return None
     with Kvm(device) as k:
-        fp = host_fingerprint(k)
+        fp = fingerprint(k)
         # the same table as the fingerprint's: a second read could answer from another CPU
         # (leaf 1 EBX[31:24] and leaf 0xB EDX carry the APIC ID of the CPU that ran the ioctl)
         supported = CpuidTable.from_json(fp["supported_cpuid"])

@@ -1,0 +1,161 @@
+"""The CPUID field model (vmm.cpuid_model) and the MSR table (vmm.msr_features): every field has a kind,
+the judge and the baseline follow it. Offline on recorded CPUID, plus the MSR table against this
+host's KVM_GET_MSR_INDEX_LIST."""
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from vmm import baseline, msr_features
+from vmm.compat import Guest, Host, compare
+from vmm.cpudump import read_cpuid_file
+from vmm.cpuid import FEATURES, REGISTERS, CpuidTable
+from vmm.cpuid_model import (EXACT, FLAGS, MAX, SKIP, UNKNOWN, XSAVE, compare_tables, fields_of,
+                             kvm_derived, merge_tables)
+
+DATA = Path(__file__).parent / "data"
+TABLES = {n: read_cpuid_file(DATA / f).table for n, f in (
+    ("genoa", "amd-genoa-epyc-9124.txt"), ("milan", "amd-milan-cpuid-r.txt"),
+    ("spr", "intel-sapphire-rapids-w7-2475x.txt"), ("spr-cleared", "spr-leaf7-subleaf2-cleared.txt"))}
+BY_VENDOR = [("genoa", "milan"), ("spr", "spr-cleared")]
+
+
+def test_every_bit_of_every_register_has_exactly_one_kind():
+    for t in TABLES.values():
+        for e in t:
+            for reg in REGISTERS:
+                covered = 0
+                for f in fields_of(e.function, e.index, reg):
+                    assert covered & f.mask == 0, (hex(e.function), e.index, reg, f)
+                    covered |= f.mask
+                assert covered == 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("leaf, sub, reg, bit, kind", [
+    (0x1, 0, "ebx", 24, SKIP),  # initial APIC ID
+    (0x1, 0, "ecx", 27, SKIP),  # OSXSAVE inside the flags of leaf 1 ECX
+    (0x1, 0, "ecx", 28, FLAGS),  # AVX
+    (0x7, 2, "edx", 0, FLAGS),  # PSFD
+    (0x7, 0, "eax", 0, MAX),  # max sub-leaf
+    (0x80000008, 0, "eax", 3, MAX),  # physical address bits
+    (0x1D, 1, "eax", 0, EXACT),  # AMX palette
+    (0xD, 9, "ebx", 0, XSAVE),  # a component's offset
+    (0x40000001, 0, "eax", 0, SKIP),  # hypervisor leaves
+    (0x80000002, 0, "eax", 0, SKIP),  # brand string
+    (0x4, 1, "eax", 0, SKIP),  # cache parameters
+    (0x14, 1, "ebx", 5, UNKNOWN),
+])
+def test_kinds(leaf, sub, reg, bit, kind):
+    f = next(f for f in fields_of(leaf, sub, reg) if f.lo <= bit <= f.hi)
+    assert f.kind == kind
+    if kind == SKIP:
+        assert f.why
+
+
+def test_numbers_bound_and_skipped_fields_never_refuse():
+    g = TABLES["genoa"].copy()
+    small = g.copy()
+    small.entry(0x80000008, 0).eax = (small.entry(0x80000008, 0).eax & ~0xFF) | 40
+    small.entry(0x1, 0).ebx ^= 0x7F << 24  # another APIC ID
+    d = {(x.field.name, x.verdict) for x in compare_tables(g, small)}
+    assert ("physical address bits", "problem") in d and ("initial APIC ID", "skipped") in d
+    assert all(x.verdict != "problem" for x in compare_tables(small, g))  # fewer bits fit more
+
+
+def test_kvm_derives_the_other_vendors_spelling_of_speculation_controls():
+    genoa = kvm_derived(TABLES["genoa"])
+    assert genoa.has("SSBD") and genoa.has("STIBP") and genoa.has("IBRS_IBPB") and genoa.has("VIRT_SSBD")
+    spr = kvm_derived(TABLES["spr"])
+    assert spr.has("AMD_SSBD") and spr.has("AMD_IBRS") and spr.has("AMD_STIBP") and spr.has("AMD_IBPB")
+    assert not kvm_derived(CpuidTable()).features()  # nothing to derive from, nothing created
+
+
+def test_merge_takes_the_smallest_numbers_and_clears_unknown_bits_that_differ():
+    a, b = TABLES["spr"].copy(), TABLES["spr"].copy()
+    b.entry(0x14, 1).ebx ^= 1 << 7
+    b.entry(0x0, 0).eax = 0x1F
+    m, warnings = merge_tables(a, [a, b])
+    assert m.max_leaf == 0x1F and m.entry(0x20, 0) is None  # leaves beyond the smaller max go
+    assert not m.entry(0x14, 1).ebx >> 7 & 1 and "CPUID.(0x14,1).EBX[7]" in warnings[0]
+
+
+# --- the property: baseline fits every host it was made from; a guest fits its own host ---------------
+_FLAG_REGS = [(0x1, 0, "ecx"), (0x1, 0, "edx"), (0x7, 0, "ebx"), (0x7, 0, "ecx"), (0x7, 0, "edx"),
+              (0x7, 1, "eax"), (0x7, 2, "edx"), (0x80000001, 0, "ecx"), (0x80000001, 0, "edx"),
+              (0x80000008, 0, "ebx"), (0x80000021, 0, "eax")]
+
+
+@st.composite
+def hosts_of_one_vendor(draw):
+    names = draw(st.sampled_from(BY_VENDOR))
+    out = []
+    for n in range(2):
+        t = TABLES[draw(st.sampled_from(names))].copy()
+        for _ in range(draw(st.integers(0, 6))):  # clear some feature bits, named or not
+            leaf, sub, reg = draw(st.sampled_from(_FLAG_REGS))
+            e = t.entry(leaf, sub)
+            if e is not None:
+                setattr(e, reg, e.reg(reg) & ~(1 << draw(st.integers(0, 31))))
+        if draw(st.booleans()):  # a narrower physical address width
+            e = t.entry(0x80000008, 0)
+            e.eax = (e.eax & ~0xFF) | draw(st.integers(36, e.eax & 0xFF))
+        if draw(st.booleans()):  # a bit no rule covers
+            e = t.entry(0x80000008, 0)
+            e.eax ^= 1 << draw(st.integers(24, 31))
+        out.append(Host.from_dump(t, f"host{n}"))
+    return out
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hosts_of_one_vendor())
+def test_baseline_fits_both_hosts_and_a_guest_fits_its_own_host(hosts):
+    b = baseline.compute(hosts)
+    guest = Guest(label="baseline", kind="cpuid", cpuid=CpuidTable.from_json(b["cpuid"]))
+    for h in hosts:
+        c = compare(guest, h)
+        assert c.compatible, c.problems
+        own = compare(Guest.from_host(h), h)
+        assert own.compatible, own.problems
+
+
+# --- MSRs gated by guest CPUID ----------------------------------------------------------------------
+def test_the_msr_table_names_real_features():
+    for index, feats in msr_features.GATED.items():
+        assert feats and all(f in FEATURES for f in feats), hex(index)
+        assert index not in msr_features.EVERY_GUEST
+
+
+def test_bndcfgs_needs_mpx_and_tsc_aux_rdtscp_or_rdpid():
+    spr = TABLES["spr"]
+    assert not spr.has("MPX") and not msr_features.given(0xD90, spr)  # Sapphire Rapids has no MPX
+    skylake_like = spr.copy()
+    skylake_like.set_feature("MPX", True)
+    assert msr_features.given(0xD90, skylake_like)
+    t = spr.copy()
+    t.set_feature("RDTSCP", False)
+    assert msr_features.given(0xC0000103, t)  # RDPID still gives TSC_AUX
+    t.set_feature("RDPID", False)
+    assert msr_features.withheld([0xC0000103, 0x10], t) == [0xC0000103]
+
+
+@pytest.mark.kvm
+def test_every_msr_this_hosts_kvm_lists_is_in_the_table(kvm):
+    """KVM_GET_MSR_INDEX_LIST here: each MSR is either gated by a CPUID feature or given to every
+    guest; an MSR the table does not know would be saved for guests that were never given it."""
+    listed = kvm.get_msr_index_list()
+    unknown = [hex(i) for i in listed if i not in msr_features.GATED and i not in msr_features.EVERY_GUEST]
+    assert unknown == [], f"MSRs KVM lists here that vmm.msr_features does not know: {unknown}"
+    supported = kvm.supported_cpuid()
+    for i in listed:  # the table's features for what KVM lists here are features KVM could give
+        feats = msr_features.features_of(i)
+        assert not feats or all(f in FEATURES for f in feats)
+    # the guest vmm runs by default carries exactly the listed MSRs its CPUID gives it
+    from vmm.guest.machine import Machine
+    from vmm import state
+    with Machine("sync", kvm=kvm) as m:
+        m.run(timeout=5)
+        s = state.save_state(m.vcpu)
+    assert msr_features.withheld(s.msrs, m.vcpu.cpuid) == []
+    assert [i for i in listed if not msr_features.given(i, m.vcpu.cpuid) and i in s.msrs] == []
+    assert supported is not None
