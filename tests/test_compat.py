@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from vmm import baseline, compat, snapshot
-from vmm import compat_inputs as sources  # noqa: E402
+from vmm import compat_inputs as sources
 from vmm.baseline import BaselineError
 from vmm.compat import CompatError, Guest, Host, compare
 from vmm.cpuid import CpuidEntry, CpuidTable

@@ -54,7 +54,7 @@ def _top(mod):
 
 
 DOMAIN = {"vmm.compat", "vmm.probe", "vmm.snapshot", "vmm.baseline", "vmm.guest.machine", "vmm.host",
-          "vmm.sources", "vmm.cpuid_model", "vmm.msr_features", "vmm.state", "vmm.cpudump", "vmm.amx",
+          "vmm.compat_inputs", "vmm.sources", "vmm.cpuid_model", "vmm.msr_features", "vmm.state", "vmm.cpudump", "vmm.amx",
           "vmm.kvm", "vmm.regs"}
 
 
