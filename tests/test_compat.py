@@ -106,7 +106,7 @@ def test_an_amx_guest_needs_the_permission_and_a_destination_that_can_grant_it()
     assert any("ARCH_REQ_XCOMP_GUEST_PERM, 18" in n for n in same.notes)
     amd = compare(guest, host(GENOA))
     text = "\n".join(amd.problems)
-    assert "XTILEDATA (18) (guest XCR0) is not supported there" in text
+    assert "XTILEDATA (18) is not supported there (guest XCR0)" in text
     assert "the XSAVE area is 11008 bytes, the destination's KVM_CAP_XSAVE2 is 4096" in text
     assert "AMX: the guest uses XTILEDATA" in text and "AMX_TILE" in text
 

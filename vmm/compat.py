@@ -208,7 +208,7 @@ def compare(guest, host, wording=COMPAT):
                 problems.append(f"XSAVE component {component_name(i)} ({i}) ({why}): its offset {w.there} is "
                                 f"unknown ({h_layout.unknown[i]})")
             else:
-                problems.append(f"XSAVE component {component_name(i)} ({i}) ({why}) is not supported {w.there}")
+                problems.append(f"XSAVE component {component_name(i)} ({i}) is not supported {w.there} ({why})")
         elif legacy or src is None or (src.offset, src.size) == (dst.offset, dst.size):
             status = "same" if (legacy or src is not None) else "unknown"
             if status == "unknown":
