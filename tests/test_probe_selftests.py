@@ -20,7 +20,7 @@ NEW = {
     "get_cpuid2_e2big", "set_cpuid2_after_run", "supported_xcr0_dependencies", "guest_initial_xcr0",
     "xsetbv_unsupported_gp", "xss_reset_and_save_list", "feature_msrs_reset", "hwcr_bits",
     "msrs_reset_write_read", "one_reg_agrees_with_msrs", "xsave_image_loads_anywhere", "amx_tiles_xfd_and_restore",
-    "msrs_guest_access",
+    "msrs_guest_access", "msr_list_matches_cpuid",
 }
 
 
@@ -284,3 +284,13 @@ def test_msrs_guest_access(res, kvm):
     assert ("LSTAR" in c["observed"]["value"]) == (seen != ["#GP"] or not row["read_back"]
                                                     or row["after_invalid"] != hex(0xFFFFFFFF81000000))
     assert SCRATCH_BASE == 0x300000  # where the guest stores what RDMSR read (vmm.inc SCRATCH)
+
+
+def test_msr_list_matches_cpuid(res, kvm):
+    c = res["msr_list_matches_cpuid"]
+    listed, supported = set(kvm.get_msr_index_list()), kvm.get_supported_cpuid()
+    rows = {r["msr"]: r for r in c["details"]["msrs"]}
+    assert rows["LSTAR"]["listed"] == (0xC0000082 in listed) and rows["LSTAR"]["supported"] == supported.has("LM")
+    aux = supported.has("RDTSCP") or supported.has("RDPID")
+    assert rows["TSC_AUX"]["supported"] == aux and rows["TSC_AUX"]["listed"] == (0xC0000103 in listed)
+    assert (c["status"] == "as-upstream") == all(r["listed"] == r["supported"] for r in rows.values())

@@ -235,9 +235,19 @@ def _c_hwcr(ctx):
                   "KVM_GET_MSRS, for bit 0..63", obs, exp, verdict, status="as-upstream" if not bad else "differs")
 
 
+MISC_ENABLE_RESET = (1 << 11) | (1 << 12)  # BTS_UNAVAIL | PEBS_UNAVAIL (msrs_test's reset value)
+PAT_RESET = 0x0007040600070406  # SDM Vol. 3, 13.12.4 "Programming the PAT": the power-up value
+
+
+def _reset_of(index):
+    return {0x1A0: MISC_ENABLE_RESET, 0x277: PAT_RESET}.get(index, 0)
+
+
 def _msr_cases(ctx):
     """(name, index, test value, invalid value or None) for the msrs_test MSRs this vCPU has."""
-    out = [("STAR", 0xC0000081, 0x0023001000000000, None),
+    out = [("MISC_ENABLE", 0x1A0, MISC_ENABLE_RESET | 1, None),  # | FAST_STRING
+           ("PAT", 0x277, 0x07070707, None),
+           ("STAR", 0xC0000081, 0x0023001000000000, None),
            ("LSTAR", 0xC0000082, 0xFFFFFFFF81000000, NON_CANONICAL),
            ("CSTAR", 0xC0000083, 0xFFFFFFFF81000040, NON_CANONICAL),
            ("SYSCALL_MASK", 0xC0000084, 0x47700, None),
@@ -278,18 +288,20 @@ def _c_msrs_rw(ctx):
                 refused = not took and now == value
                 want = _after_invalid(ctx, name, invalid)
                 handled = refused if want is None else took and now == want
-            row = {"msr": name, "reset": reset["value"], "invalid_refused": refused,
+            row = {"msr": name, "reset": reset["value"], "reset_upstream": _reset_of(index),
+                   "invalid_refused": refused,
                    "invalid_as_upstream": handled, "read_back": back["value"] == value if back["ok"] else None}
             rows.append(row)
-            if reset["value"] != 0 or not wrote["ok"] or not row["read_back"] or handled is False:
+            if reset["value"] != _reset_of(index) or not wrote["ok"] or not row["read_back"] or handled is False:
                 bad.append(name)
-    obs = observed_ok(bad, f"{len(rows)} MSRs: " + ("each resets to 0, reads back, refuses its invalid value"
-                                                   if not bad else f"differ: {', '.join(bad)}"))
-    exp = upstream("0 after reset; the written value reads back; a non-canonical address is refused even from the "
+    obs = observed_ok(bad, f"{len(rows)} MSRs: " + ("each resets as upstream, reads back, refuses its invalid "
+                                                   "value" if not bad else f"differ: {', '.join(bad)}"))
+    exp = upstream(f"0 after reset (MISC_ENABLE {hex_text(MISC_ENABLE_RESET)}, PAT {hex_text(PAT_RESET)}); the "
+                   "written value reads back; a non-canonical address is refused even from the "
                    "host and the MSR keeps its value; TSC_AUX bits 63:32 likewise for an Intel-compatible guest, "
                    "dropped for others", [])
     verdict = (f"{', '.join(r['msr'] for r in rows)}: as upstream" if not bad else
-               f"{len(bad)} MSRs differ: {', '.join(bad)}")
+               f"{len(bad)} MSRs differ: {', '.join(bad)}" + pvm_note(ctx))
     return result("VM and vCPU with the default guest CPUID; host-initiated accesses only (the selftest's guest "
                   "side needs CPL0 RDMSR/WRMSR)", "KVM_GET_MSRS / KVM_SET_MSRS per MSR", obs, exp, verdict,
                   status="as-upstream" if not bad else "differs", details={"msrs": rows})
@@ -391,3 +403,36 @@ def _c_msrs_guest(ctx):
     return result("the msr-access guest: WRMSR then RDMSR through its CPL0 runtime services, per MSR a valid "
                   "value and an invalid one; a #GP reported and skipped", "KVM_RUN per access", obs, exp, verdict,
                   status="as-upstream" if not bad else "differs", details={"msrs": rows})
+
+
+# The MSRs msrs_test covers and the CPUID features that make them exist (None: every 64-bit guest).
+MSRS_TEST_FEATURES = (
+    ("MISC_ENABLE", 0x1A0, None), ("PAT", 0x277, None), ("TSC_AUX", 0xC0000103, ("RDTSCP", "RDPID")),
+    ("SYSENTER_CS", 0x174, None), ("SYSENTER_ESP", 0x175, None), ("SYSENTER_EIP", 0x176, None),
+    ("KERNEL_GS_BASE", 0xC0000102, ("LM",)), ("LSTAR", 0xC0000082, ("LM",)), ("CSTAR", 0xC0000083, ("LM",)),
+    ("SYSCALL_MASK", 0xC0000084, ("LM",)), ("S_CET", 0x6A2, ("SHSTK", "IBT")), ("U_CET", 0x6A0, ("SHSTK", "IBT")),
+    ("PL0_SSP", 0x6A4, ("SHSTK",)), ("PL1_SSP", 0x6A5, ("SHSTK",)), ("PL2_SSP", 0x6A6, ("SHSTK",)),
+    ("PL3_SSP", 0x6A7, ("SHSTK",)),
+)
+
+
+@check("msr_list_matches_cpuid", "each MSR is in KVM_GET_MSR_INDEX_LIST exactly when KVM supports its feature",
+       "msr", selftest="msrs_test")
+def _c_msr_list_cpuid(ctx):
+    listed = set(ctx.kvm.get_msr_index_list())
+    rows, bad = [], []
+    for name, index, features in MSRS_TEST_FEATURES:
+        supported = features is None or any(ctx.supported.has(f) for f in features)
+        row = {"msr": name, "features": list(features or ()), "supported": supported, "listed": index in listed}
+        rows.append(row)
+        if row["listed"] != supported:
+            bad.append(f"{name} {'listed' if row['listed'] else 'not listed'} but "
+                       f"{'supported' if supported else 'unsupported'}")
+    obs = observed_ok(bad, f"{len(rows)} MSRs: " + ("the list and KVM_GET_SUPPORTED_CPUID agree" if not bad else
+                                                   "; ".join(bad)))
+    exp = upstream("each MSR listed exactly when KVM_GET_SUPPORTED_CPUID has one of its features (TSC_AUX: RDTSCP "
+                   "or RDPID; the CET MSRs: SHSTK or IBT; the SSPs: SHSTK); architectural ones always", [])
+    verdict = ("KVM lists exactly the MSRs of the features it supports" if not bad else
+               f"{len(bad)} MSRs disagree with the supported CPUID: {'; '.join(bad)}" + pvm_note(ctx))
+    return result("KVM_GET_MSR_INDEX_LIST and KVM_GET_SUPPORTED_CPUID", "membership of each msrs_test MSR",
+                  obs, exp, verdict, status="as-upstream" if not bad else "differs", details={"msrs": rows})
