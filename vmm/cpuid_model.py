@@ -198,7 +198,10 @@ def _rules():
     num(0x80000022, 0, "ebx", 0, 3, "core performance counters")
     num(0x80000022, 0, "ebx", 4, 9, "LBR stack size")
     num(0x80000022, 0, "ebx", 10, 15, "northbridge performance counters")
+    num(0x80000022, 0, "ebx", 16, 21, "UMC performance counters")
     flags(0x80000022, 0, "ecx", "active UMC bitmask")
+    flags(0x80000023, 0, "eax", "multi-key memory encryption features")
+    skip(0x80000023, 0, "ebx", *_ALL, "memory encryption key IDs", "a host resource")
     return r
 
 
