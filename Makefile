@@ -14,7 +14,8 @@ $(PY):
 # editable install: compiles the cffi bindings (vmm/_kvm*.so) against <linux/kvm.h>
 $(STAMP): $(PY) pyproject.toml setup.py vmm/_build.py vmm/_ioctls.py $(wildcard cdefs/*)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	# the flat layout's editable install is intended: setuptools' notice about it is noise here
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 dev: $(STAMP)

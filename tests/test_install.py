@@ -1,0 +1,66 @@
+"""The package as users install it: a wheel built from this tree carries the built guests (and the
+probe package, the schemas, the SDK), building it prints no setuptools warnings, and the installed
+`vmm` runs the hello guest from another directory. (A fresh venv with `pip install <project dir>`
+does the same through PyPI; README "Install" shows it.)"""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    # as `pip install .` does: build isolation (setuptools, wheel and cffi from PyPI, or pip's cache)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(out), str(ROOT)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (whl,) = out.glob("vmm-*.whl")
+    return whl, r.stdout + r.stderr
+
+
+def test_the_wheel_carries_the_guests_and_every_package(wheel):
+    whl, _ = wheel
+    names = set(zipfile.ZipFile(whl).namelist())
+    for needed in ("vmm/guest/builtin/hello.bin", "vmm/guest/builtin/runtime.bin", "vmm/guest/builtin/hello.S",
+                   "vmm/guest/builtin/amx.sym", "vmm/probe/__init__.py", "vmm/schema/probe-report.schema.json",
+                   "vmm/sdk/vmm.h", "vmm/sdk/vmm.inc", "vmm/cli.py"):
+        assert needed in names, needed
+    assert any(n.startswith("vmm/_kvm") and n.endswith(".so") for n in names)
+
+
+def test_building_it_prints_no_setuptools_warnings(wheel):
+    _, log = wheel
+    for noise in ("is absent from the `packages` configuration", "Package would be ignored",
+                  "SetuptoolsDeprecationWarning", "BuildBackendWarning"):
+        assert noise not in log, noise
+
+
+@pytest.mark.kvm
+def test_the_installed_vmm_runs_hello_from_another_directory(wheel, tmp_path):
+    whl, _ = wheel
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(whl)],
+                   check=True, capture_output=True, timeout=120)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site))
+    env.pop("VMM_GUESTS_DIR", None)
+
+    def vmm(*args):
+        return subprocess.run([sys.executable, "-c", "import sys; from vmm.cli import entry; sys.argv[0] = 'vmm'; "
+                               "entry()", *args], capture_output=True, text=True, cwd=elsewhere, env=env,
+                              timeout=60)
+    where = subprocess.run([sys.executable, "-c", "import vmm.guest.catalog as c; print(c.__file__, c.SOURCE_DIR)"],
+                           capture_output=True, text=True, cwd=elsewhere, env=env, check=True).stdout.split()
+    assert where[0].startswith(str(site)) and where[1] == str(site / "vmm" / "guest" / "builtin"), where
+    r = vmm("run")
+    assert (r.returncode, r.stdout) == (0, "Hello from a vmm guest!\ndone\n"), r.stderr
+    r = vmm("guests")
+    assert r.returncode == 0 and r.stdout.startswith("amx ") and "\nhello " in r.stdout, r.stdout
