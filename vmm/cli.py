@@ -40,7 +40,8 @@ def entry(argv=None):
 @json_option
 @handle_errors
 def run(guest, timeout, cpl, memory_mib, cpu_file, args, amx, device, as_json):
-    """Boot GUEST (a built-in name or a flat binary; default: hello) and run it to its end.
+    """Boot GUEST (a built-in name, or a guest file: a static ELF64 executable or a flat binary;
+    default: hello) and run it to its end.
 
     Prints the guest's console output, each SYNC, then one line with how it ended.
     Exit status 0 when the guest reports DONE, 3 on timeout, 1 for any other ending."""

@@ -36,6 +36,20 @@ class LazyGroup(click.Group):
             _add(self, module)
         return sorted(set(super().list_commands(ctx)) | set(LAZY))
 
+    def format_commands(self, ctx, formatter):
+        """Each command with the whole first sentence of its help, wrapped (click's default cuts
+        it at 45 columns, mid-sentence)."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is None or cmd.hidden:
+                continue
+            text = cmd.short_help or " ".join((cmd.help or "").split("\n\n")[0].split())
+            rows.append((name, text.split(". ")[0].rstrip(".") if ". " in text else text.rstrip(".")))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def get_command(self, ctx, name):
         cmd = super().get_command(ctx, name)
         if cmd is None:

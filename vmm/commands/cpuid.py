@@ -130,12 +130,13 @@ def cpuid(supported, guest, dump, xcr0, at_sync, features, timeout, device, as_j
             table = k.get_supported_cpuid()
         source = f"KVM_GET_SUPPORTED_CPUID on {device}"
 
+    if as_json and features:  # the features asked for, as the text output shows them; not the table
+        _emit({"source": source, "features": _features(table, features)})
+        return
     if as_json:
         out = {"source": source, **table.to_json(), "notes": notes,
                "xcr0_supported": f"{table.xcr0_supported():#x}",
                "features": sorted(table.features())}
-        if features:
-            out["selected"] = _features(table, features)
         if changed is not None:
             out["changed_by_kvm"] = [
                 {"leaf": f"{c['leaf']:#x}", "subleaf": c["subleaf"],

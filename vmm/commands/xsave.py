@@ -104,8 +104,9 @@ def echo_components(a, beyond=(), indent=""):
     for c in a.components_present():
         mark = "  beyond XCR0" if c.index in beyond else ""
         click.echo(f"{indent}  {c.index:>2} {c.name:<10} offset {c.offset:>5} size {c.size:>5}{mark}")
-    click.echo(f"{indent}non-zero registers:")
-    for index, rows in sorted(_registers_by_component(a).items()):
+    registers = _registers_by_component(a)
+    click.echo(f"{indent}non-zero registers:{'' if registers else ' none'}")
+    for index, rows in sorted(registers.items()):
         click.echo(f"{indent}  {component_name(index)}:")
         width = max(len(n) for n, _ in rows)
         for name, text in rows:
