@@ -68,6 +68,11 @@ def open_file_source(spec):
         snap = chsnap.load(spec)
         # Cloud Hypervisor gives the guest the host's CPUID leaf 0xD: its offsets are the buffer's
         return StateSource(f"Cloud Hypervisor snapshot {spec}", kind, snap.vcpus, None, snap)
+    from . import files
+    try:  # the precise reason for a path that is no file to read (missing, empty, device, /proc)
+        files.check_input(spec, "vmm snapshot or Cloud Hypervisor snapshot directory")
+    except files.FileError as e:
+        raise SourceError(str(e)) from None
     raise SourceError(f"{spec}: not a vmm snapshot or a Cloud Hypervisor snapshot directory")
 
 
