@@ -13,6 +13,9 @@
 #ifndef KVM_GET_XSAVE2
 #define KVM_GET_XSAVE2 _IOR(KVMIO, 0xcf, struct kvm_xsave)
 #endif
+#ifndef KVM_CAP_VM_TSC_CONTROL
+#define KVM_CAP_VM_TSC_CONTROL 214
+#endif
 #ifndef KVM_CAP_SYNC_REGS
 #define KVM_CAP_SYNC_REGS 74
 #endif

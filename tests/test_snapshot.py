@@ -344,3 +344,31 @@ def test_restore_checks_every_extent_before_the_guest_runs(tmp_path, kvm):
         with pytest.raises(SnapshotError, match=f"0x{off:x}..\\+0x{n:x} fails its checksum"):
             Machine.from_snapshot(lazy, kvm=kvm)
         assert len(os.listdir("/proc/self/fd")) == fds  # the VM is gone
+
+
+@pytest.mark.kvm
+def test_compat_and_restore_agree_on_the_tsc_rate(tmp_path, kvm):
+    """A snapshot whose TSC rate is 100 ppm off this host's restores (KVM takes it without scaling);
+    1000 ppm off restores only where KVM can scale the TSC. `vmm compat --host here`, the restore's
+    host check and `vmm restore` give the same verdict."""
+    from vmm._bindings import lib
+    control = kvm.check_extension(lib.KVM_CAP_TSC_CONTROL)
+    with Machine("sync", kvm=kvm) as m:
+        m.run(timeout=5)
+        s = state.save_state(m.vcpu)
+        host = s.tsc_khz
+        for ppm in (100, 1000):
+            s.tsc_khz = host + host * ppm // 1_000_000
+            snapshot.save(str(tmp_path / f"{ppm}.snap"), kvm, m.vm, m.vcpus, [s], guest={"name": "sync"})
+    for ppm in (100, 1000):
+        path = str(tmp_path / f"{ppm}.snap")
+        ok = ppm == 100 or bool(control)
+        problems = snapshot.host_problems(snapshot.load(path), kvm)
+        assert (problems == []) == ok, problems
+        c = vmm("compat", path, "--host", "here")
+        assert c.returncode == (0 if ok else 1), c.stdout + c.stderr
+        r = vmm("restore", path)
+        assert (r.returncode == 0) == ok, r.stdout + r.stderr
+        if not ok:
+            assert f"+{ppm} ppm, beyond KVM's 250 ppm tolerance" in c.stdout
+            assert f"+{ppm} ppm, beyond KVM's 250 ppm tolerance" in r.stderr

@@ -24,6 +24,7 @@ from .cpuid import CpuidTable
 from .cpuid_model import FLAGS, compare_tables, problems_of, warnings_of
 from .errors import VmmError
 from .host import KVM_EMULATED, XTILE, Host, HostError  # noqa: F401 (re-exported: the judge's inputs)
+from .tsc import rate_problem
 from .xsave import XsaveError, XsaveLayout, XSTATE_BV_OFFSET, bits_of, component_name, mask_names
 
 XTILEDATA = 18
@@ -81,6 +82,7 @@ class Guest:
     msrs: set = None  # MSR indices the state carries (None: no state)
     source_layout: XsaveLayout = None  # the XSAVE layout of the host the state was saved on
     source: dict = None  # kernel/vendor/pvm of the source host, when known
+    tsc_khz: list = field(default_factory=list)  # per vCPU, the TSC rate the state carries (kHz)
 
     @property
     def vendor(self):
@@ -102,7 +104,8 @@ class Guest:
                    xcr0=_or(s.xcrs.get(0, 0) for s in snap.vcpus),
                    msrs=set().union(*(s.msrs for s in snap.vcpus)) if snap.vcpus else set(),
                    source_layout=layout,
-                   source={"kernel": host.get("kernel"), "vendor": host.get("vendor"), "pvm": host.get("pvm")})
+                   source={"kernel": host.get("kernel"), "vendor": host.get("vendor"), "pvm": host.get("pvm")},
+                   tsc_khz=[s.tsc_khz for s in snap.vcpus])
 
     @classmethod
     def from_host(cls, host):
@@ -137,6 +140,7 @@ class Comparison:
     problems: list
     notes: list
     warnings: list = field(default_factory=list)
+    tsc: dict = field(default_factory=dict)
 
     @property
     def compatible(self):
@@ -152,7 +156,7 @@ class Comparison:
                        "xstate_bv": f"{g.xstate_bv:#x}", "xsave_sizes": g.xsave_sizes},
             "destination": self.host.describe(),
             "vendor": self.vendor, "features": self.features, "xsave_components": self.components,
-            "xsave_size": self.xsave_size, "msrs": self.msrs, "amx": self.amx,
+            "xsave_size": self.xsave_size, "msrs": self.msrs, "amx": self.amx, "tsc": self.tsc,
             "problems": self.problems, "warnings": self.warnings, "notes": self.notes,
         }
 
@@ -302,10 +306,24 @@ def compare(guest, host, wording=COMPAT):
     else:
         amx = {"needed": False, "status": "not used", "why": []}
 
+    # TSC rate: KVM gives a rate within 250 ppm of the host's without scaling (vmm/tsc.py)
+    rates = sorted({r for r in guest.tsc_khz if r})
+    tsc = {"saved_khz": rates, "destination_khz": host.tsc_khz, "tsc_control": host.tsc_control,
+           "status": "not applicable" if not rates else "ok"}
+    for rate in rates:
+        why = rate_problem(rate, host.tsc_khz, host.tsc_control)
+        if why:
+            tsc["status"] = "differs"
+            problems.append("TSC: " + why.replace("the host's", f"{w.dest}'s"))
+    if rates and tsc["status"] == "ok" and not host.tsc_control and host.tsc_khz is None:
+        tsc["status"] = "unknown"
+        notes.append(f"TSC rate {', '.join(map(str, rates))} kHz not checked: {w.dest}'s TSC rate is unknown "
+                     "(a CPUID dump or an older probe report)")
+
     if guest.source and guest.source.get("kernel") and host.kernel and guest.source["kernel"] != host.kernel:
         notes.append(f"kernels differ: Linux {guest.source['kernel']} -> Linux {host.kernel}")
     return Comparison(guest, host, vendor, features, components, xsave_size, msrs, amx, problems, notes,
-                      warnings)
+                      warnings, tsc)
 
 
 def _layout(cpuid):
@@ -363,6 +381,11 @@ def format_comparison(c):
         out.append(f"{'MSRs':<22} {len(m['carried'])} carried; {extra[m['status']]}")
     a = c.amx
     out.append(f"{'AMX':<22} {a['status']}" + (f": {'; '.join(a['why'])}" if a["why"] else ""))
+    t = c.tsc
+    if t.get("saved_khz"):
+        there = (f"{t['destination_khz']} kHz" if t["destination_khz"] is not None else "unknown") + \
+            (", TSC scaling" if t["tsc_control"] else ", no TSC scaling" if t["tsc_control"] == 0 else "")
+        out.append(f"{'TSC':<22} {', '.join(map(str, t['saved_khz']))} kHz -> {there}  {t['status']}")
     out.append("")
     if c.compatible:
         out.append("verdict: yes: the guest can " + ("be restored" if g.kind == "snapshot" else "run") + " there")

@@ -38,9 +38,16 @@ def fingerprint(kvm):
         "vendor": supported.vendor,
         "pvm": is_pvm(),
         "capabilities": kvm.caps(),
+        "tsc_khz": _tsc_khz(kvm),
         "supported_cpuid": supported.to_json(),
         "xsave_layout": XsaveLayout.from_cpuid(supported).to_json(),
     }
+
+
+def _tsc_khz(kvm):
+    """The host's TSC rate (kHz) as KVM gives it to a new VM."""
+    with kvm.create_vm() as vm:
+        return vm.get_tsc_khz()
 
 
 @dataclass
@@ -60,6 +67,8 @@ class Host:
     kernel: str = None
     pvm: bool = None
     set_xsave_beyond_cpuid: bool = None  # KVM_SET_XSAVE takes components the guest CPUID lacks (6.6+)
+    tsc_khz: int = None  # the TSC rate KVM gives a new VM, kHz (None: unknown)
+    tsc_control: int = None  # KVM_CAP_TSC_CONTROL: KVM can scale a guest's TSC (None: unknown)
 
     @property
     def vendor(self):
@@ -135,7 +144,8 @@ class Host:
                                               if amx else "the report has no AMX permission probe"]),
             msr_index_list={int(x, 16) for x in h["msr_index_list"]},
             msrs_readable=None if h.get("msrs_readable") is None else {int(x, 16) for x in h["msrs_readable"]},
-            kernel=h["kernel"], pvm=h["pvm"], set_xsave_beyond_cpuid=beyond)
+            kernel=h["kernel"], pvm=h["pvm"], set_xsave_beyond_cpuid=beyond,
+            tsc_khz=h.get("tsc_khz"), tsc_control=h.get("capabilities", {}).get("KVM_CAP_TSC_CONTROL"))
 
     @classmethod
     def from_dump(cls, table, label):
@@ -180,4 +190,5 @@ class Host:
         return cls(label=label, kind="process", supported=supported, xsave2=xsave2,
                    amx="granted" if has_tiles else "not granted to this process",
                    amx_problems=[] if has_tiles else ["this process holds no AMX guest permission"],
-                   msr_index_list=set(kvm.msr_index_list()), kernel=os.uname().release, pvm=is_pvm())
+                   msr_index_list=set(kvm.msr_index_list()), kernel=os.uname().release, pvm=is_pvm(),
+                   tsc_khz=_tsc_khz(kvm), tsc_control=kvm.check_extension("KVM_CAP_TSC_CONTROL"))

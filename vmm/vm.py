@@ -22,6 +22,15 @@ class Vm:
             cap = getattr(lib, cap)
         return ioctl(self.fd, "KVM_CHECK_EXTENSION", cap)
 
+    def get_tsc_khz(self):
+        """KVM_GET_TSC_KHZ on the VM fd (Linux 5.19+, KVM_CAP_VM_TSC_CONTROL): the TSC rate (kHz)
+        new vCPUs of this VM start with; else that of a new vCPU. Either is the host's rate unless
+        KVM_SET_TSC_KHZ changed it (arch/x86/kvm/x86.c)."""
+        if self.kvm.check_extension("KVM_CAP_VM_TSC_CONTROL"):
+            return ioctl(self.fd, "KVM_GET_TSC_KHZ")
+        with self.create_vcpu() as v:
+            return v.get_tsc_khz()
+
     def xsave2_size(self):
         """Bytes KVM_GET_XSAVE2 fills, asked anew each time: it grows after an AMX permission
         request (arch_prctl) and must never be cached across one. 0 means no KVM_CAP_XSAVE2."""
