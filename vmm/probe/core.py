@@ -303,9 +303,28 @@ PVM_REASON = ("this /dev/kvm is PVM (kvm_pvm): a paravirtualized KVM that runs g
               "emulates guest CPL0 code and holds its own view of the guest CPUID")
 
 
+TCG_REASON = ("the CPU under this KVM is QEMU's TCG emulator: what the CPU itself does for the guest "
+              "(its instructions, the MSRs KVM passes through to it) is the emulator's, not hardware's")
+
+
+def cpu_model(path="/proc/cpuinfo"):
+    """The host CPU's model name ('' when /proc/cpuinfo does not say)."""
+    try:
+        with open(path) as f:
+            for line in f.read(1 << 20).splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def pvm_note(ctx):
-    """The reason to add to a verdict that differs from upstream, when PVM explains it."""
-    return f" ({PVM_REASON})" if ctx.pvm else ""
+    """The reason to add to a verdict that differs from upstream, when the platform under KVM explains
+    it: PVM, or a CPU emulated by QEMU TCG (nested KVM on these machines)."""
+    if ctx.pvm:
+        return f" ({PVM_REASON})"
+    return f" ({TCG_REASON})" if "QEMU TCG" in cpu_model() else ""
 
 
 # --- XSAVE buffers (this process) ------------------------------------------------------------------

@@ -218,6 +218,12 @@ def _c_hwcr(ctx):
             answers[bit] = (took, back)
             if back:
                 v.set_msrs({MSR_K7_HWCR: 0})
+                stuck = v.get_msrs([MSR_K7_HWCR])[MSR_K7_HWCR]
+                if stuck:  # McStatusWrEn cannot be cleared once set: a kernel before 6.6
+                    return not_in_kernel(ctx, f"writing 0 left MSR_K7_HWCR at {hex_text(stuck)} after bit {bit}: "
+                                         "clearing HWCR.McStatusWrEn once set and keeping bit 24 (TscFreqSel) "
+                                         "came in Linux 6.6 ('KVM: x86: Allow HWCR.McStatusWrEn to be cleared "
+                                         "once set', 'KVM: x86: Virtualize HWCR.TscFreqSel [bit 24]')")
     legal = HWCR_IGNORED | HWCR_VALID
     bad = [b for b, (took, back) in answers.items()
            if took != bool((1 << b) & legal) or back != (1 << b) & HWCR_VALID]
