@@ -33,7 +33,7 @@
  *
  * KVM_CAP_XSAVE2 is asked on the VM fd before every XSAVE transfer (as KVM's selftests do): KVM
  * copies that many bytes, which grows after an arch_prctl guest-permission request, and a buffer
- * of the old size would overflow.
+ * of the old size would overflow. A restore asks first, before it sets any piece.
  */
 #include <errno.h>
 #include <string.h>
@@ -222,6 +222,9 @@ long vmm_fp_restore(struct vmm_fp_vcpu *v, struct vmm_fp_state *st)
 
 	vmm_fp_begin(v);
 	v->deferred = 0;
+	/* the XSAVE size first: a buffer KVM would now read past is refused before any piece is set */
+	if ((r = vmm_fp_xsave_size(v, st->xsave_size, &get_xsave)) < 0)
+		return r;
 	/* pieces of an earlier restore that are still pending would overwrite this one */
 	run->kvm_dirty_regs &= ~(__u64)VMM_FP_SYNC_ALL;
 
@@ -240,8 +243,6 @@ long vmm_fp_restore(struct vmm_fp_vcpu *v, struct vmm_fp_state *st)
 		return -EINVAL;
 	}
 	if ((r = vmm_fp_ioctl(v, VMM_FP_STEP_XCRS, KVM_SET_XCRS, &st->xcrs)) < 0)
-		return r;
-	if ((r = vmm_fp_xsave_size(v, st->xsave_size, &get_xsave)) < 0)
 		return r;
 	if ((r = vmm_fp_ioctl(v, VMM_FP_STEP_XSAVE, KVM_SET_XSAVE, st->xsave)) < 0)
 		return r;

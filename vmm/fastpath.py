@@ -78,6 +78,33 @@ class FastState:
         self._lapic = ffi.addressof(self.c, "lapic")
         self._tpr = ffi.cast("uint32_t *", self._lapic) + _APIC_TASKPRI // 4
 
+    @classmethod
+    def like(cls, template):
+        """Fresh buffers laid out as `template` (same MSR indices, XSAVE size, LAPIC or not), in one
+        zeroed allocation: the MSR list is copied from the template, not set index by index. The
+        Python path's addresses (_regs, ...) are not made; the C calls need none."""
+        st = cls.__new__(cls)
+        n = len(template.msr_indices)
+        msrs_size = _SIZE_MSRS_HEAD + n * _SIZE_MSR_ENTRY
+        # not cleared: KVM fills every piece (a failed save raises, and its buffers go unused)
+        block = st._block = _new_uncleared("char[]", _SIZE_STATE + msrs_size + template.c.xsave_size)
+        st.msr_indices = template.msr_indices
+        c = st.c = ffi.cast("struct vmm_fp_state *", block)
+        st._msrs = ffi.cast("struct kvm_msrs *", block + _SIZE_STATE)
+        st._xsave = block + _SIZE_STATE + msrs_size
+        ffi.memmove(st._msrs, template._msrs, msrs_size)
+        c.msrs, c.xsave = st._msrs, st._xsave
+        c.xsave_size, c.has_lapic = template.c.xsave_size, template.c.has_lapic
+        st.owner = None
+        return st
+
+    def buffer(self, piece):
+        """The bytes of one piece in place (a cffi buffer, no copy): regs, sregs, events,
+        mp_state, xcrs, debugregs, lapic, or xsave."""
+        if piece == "xsave":
+            return ffi.buffer(self._xsave, self.c.xsave_size)
+        return ffi.buffer(ffi.addressof(self.c, piece))
+
     @property
     def xsave_size(self):
         return self.c.xsave_size
@@ -249,6 +276,7 @@ class FastVcpu:
         c, run, fd, ioctl = self.c, self._run, self._fd, lib.vmm_ioctl
         c.step = c.done = c.vm_ioctls = c.deferred = 0
         defer = self._deferrable_py(st)
+        self._xsave_size_py(st, 0, restore=True)  # before any piece is set, as the C code does
         run.kvm_dirty_regs &= ~SYNC_ALL
         n = 0
         steps = []
@@ -270,7 +298,6 @@ class FastVcpu:
         n += 1
         if r < 0:
             self._fail(lib.VMM_FP_STEP_XCRS, r, n, 0, st, restore=True)
-        self._xsave_size_py(st, n, restore=True)
         steps = [(lib.VMM_FP_STEP_XSAVE, _SET_XSAVE, st._xsave)]
         if not defer & lib.KVM_SYNC_X86_EVENTS:
             steps.append((lib.VMM_FP_STEP_EVENTS, _SET_EVENTS, st._events))
@@ -352,7 +379,7 @@ class FastVcpu:
         makes on every restore: check_restorable, the XSAVE checks of Vcpu.set_xsave, KVM_SET_CPUID2
         (only when the state's CPUID differs from the vCPU's) and KVM_SET_TSC_KHZ (only when the
         frequency differs). The first restore of loaded buffers sets every piece by ioctl."""
-        from .state import MSR_IA32_TSC_DEADLINE, _set_tsc_khz, check_restorable
+        from .state import _set_tsc_khz, check_restorable
         self._alive()
         if self.vcpu.cpuid is None or state.cpuid != self.vcpu.cpuid:
             self.vcpu.set_cpuid2(state.cpuid)
@@ -362,33 +389,7 @@ class FastVcpu:
         if state.tsc_khz and state.tsc_khz != self.tsc_khz:
             _set_tsc_khz(self.vcpu, state.tsc_khz)
             self.tsc_khz = self.vcpu.get_tsc_khz()
-        msrs = dict(state.msrs)
-        deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
-        order = list(msrs) + ([MSR_IA32_TSC_DEADLINE] if deadline is not None else [])
-        if st is None or st.msr_indices != tuple(order) or st.xsave_size != len(xsave) \
-                or bool(st.c.has_lapic) != (state.lapic is not None):
-            st = FastState(order, len(xsave), state.lapic is not None)
-        c = st.c
-        state.regs.to_c(c.regs)
-        state.sregs.to_c(c.sregs)
-        _fill(st._events, state.events, "events")
-        _fill(st._debugregs, state.debugregs, "debugregs")
-        if state.lapic is not None:
-            _fill(st._lapic, state.lapic, "lapic")
-        c.mp_state.mp_state = state.mp_state
-        if len(state.xcrs) > len(c.xcrs.xcrs):
-            raise StateError(f"{len(state.xcrs)} XCRs, KVM takes at most {len(c.xcrs.xcrs)}")
-        ffi.memmove(st._xcrs, bytes(ffi.sizeof(c.xcrs)), ffi.sizeof(c.xcrs))
-        c.xcrs.nr_xcrs = len(state.xcrs)
-        for i, (xcr, value) in enumerate(sorted(state.xcrs.items())):
-            c.xcrs.xcrs[i].xcr, c.xcrs.xcrs[i].value = xcr, value
-        for i, m in enumerate(order):
-            st._msrs.entries[i].data = deadline if m == MSR_IA32_TSC_DEADLINE and deadline is not None \
-                else msrs[m]
-        ffi.memmove(st._xsave, xsave, len(xsave))
-        c.trusted = 0
-        st.owner = None
-        return st
+        return fill(state, xsave, st)
 
     # --- checks and errors --------------------------------------------------------------------
     def _alive(self):
@@ -412,21 +413,142 @@ class FastVcpu:
             raise StateError("the state has LAPIC registers but this VM has no in-kernel irqchip")
 
     def _raise(self, r, restore, st):
-        step = self.c.step
-        name = _STEPS.get(step, ("vmm_fp_save", "vmm_fp_restore"))[restore]
-        if step == lib.VMM_FP_STEP_XSAVE and not self._xsave2:
-            name = "KVM_SET_XSAVE" if restore else "KVM_GET_XSAVE"
-        if step == lib.VMM_FP_STEP_XSAVE_SIZE and r == -errno.EMSGSIZE:
-            raise StateError(f"KVM_CAP_XSAVE2 now says the XSAVE area is {self.c.done} bytes, the buffers "
-                             f"hold {st.xsave_size if st else '?'}: the guest XSAVE permission changed "
-                             "(arch_prctl?); call refresh() and use new buffers")
-        if step == lib.VMM_FP_STEP_MSRS and r == -errno.EINVAL and st is not None \
-                and self.c.done < len(st.msr_indices):
-            n, idx = self.c.done, st.msr_indices[self.c.done]
-            verb = "wrote" if restore else "read"
-            raise KvmError(name, errno.EINVAL, detail=f"MSR 0x{idx:x}",
-                           hint=f"KVM {verb} {n} of {len(st.msr_indices)} MSRs and stopped at MSR 0x{idx:x}")
-        raise KvmError(name, -r)
+        _raise(self.c, self._xsave2, r, restore, st)
+
+
+def _raise(c, xsave2, r, restore, st):
+    """The error of a failed vmm_fp_save (restore=0) or vmm_fp_restore (1): KvmError naming the
+    ioctl of the step that failed (c.step), or StateError when the XSAVE size changed under us."""
+    step = c.step
+    name = _STEPS.get(step, ("vmm_fp_save", "vmm_fp_restore"))[restore]
+    if step == lib.VMM_FP_STEP_XSAVE and not xsave2:
+        name = "KVM_SET_XSAVE" if restore else "KVM_GET_XSAVE"
+    if step == lib.VMM_FP_STEP_XSAVE_SIZE and r == -errno.EMSGSIZE:
+        raise StateError(f"KVM_CAP_XSAVE2 now says the XSAVE area is {c.done} bytes, the buffers "
+                         f"hold {st.xsave_size if st else '?'}: the guest XSAVE permission changed "
+                         "(arch_prctl?); call refresh() and use new buffers")
+    if step == lib.VMM_FP_STEP_MSRS and r == -errno.EINVAL and st is not None and c.done < len(st.msr_indices):
+        n, idx = c.done, st.msr_indices[c.done]
+        verb = "wrote" if restore else "read"
+        raise KvmError(name, errno.EINVAL, detail=f"MSR 0x{idx:x}",
+                       hint=f"KVM {verb} {n} of {len(st.msr_indices)} MSRs and stopped at MSR 0x{idx:x}")
+    raise KvmError(name, -r)
+
+
+def fill(state, xsave, st=None):
+    """Buffers holding the typed `state` (a vmm.state.VcpuState) with the XSAVE image `xsave`
+    (already fitted to the vCPU and checked); `st` is reused when its layout fits. StateError when a
+    piece does not fit its struct. No ioctl."""
+    from .state import MSR_IA32_TSC_DEADLINE
+    msrs = dict(state.msrs)
+    deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
+    order = list(msrs) + ([MSR_IA32_TSC_DEADLINE] if deadline is not None else [])
+    if st is None or st.msr_indices != tuple(order) or st.xsave_size != len(xsave) \
+            or bool(st.c.has_lapic) != (state.lapic is not None):
+        st = FastState(order, len(xsave), state.lapic is not None)
+    c = st.c
+    state.regs.to_c(c.regs)
+    state.sregs.to_c(c.sregs)
+    _fill(st._events, state.events, "events")
+    _fill(st._debugregs, state.debugregs, "debugregs")
+    if state.lapic is not None:
+        _fill(st._lapic, state.lapic, "lapic")
+    c.mp_state.mp_state = state.mp_state
+    if len(state.xcrs) > len(c.xcrs.xcrs):
+        raise StateError(f"{len(state.xcrs)} XCRs, KVM takes at most {len(c.xcrs.xcrs)}")
+    ffi.memmove(st._xcrs, bytes(ffi.sizeof(c.xcrs)), ffi.sizeof(c.xcrs))
+    c.xcrs.nr_xcrs = len(state.xcrs)
+    for i, (xcr, value) in enumerate(sorted(state.xcrs.items())):
+        c.xcrs.xcrs[i].xcr, c.xcrs.xcrs[i].value = xcr, value
+    e = st._msrs.entries
+    for i, m in enumerate(order):
+        e[i].data = deadline if m == MSR_IA32_TSC_DEADLINE and deadline is not None else msrs[m]
+    ffi.memmove(st._xsave, xsave, len(xsave))
+    c.trusted = 0
+    st.owner = None
+    return st
+
+
+# --- the general path (vmm.state.save_state / restore_state) ---------------------------------------
+class _Plan:
+    """What the general path keeps per Vcpu: its struct vmm_fp_vcpu, the XSAVE size last seen, and
+    one template of buffers per MSR set. Buffers saved from this vCPU (owner: this plan) are
+    trusted here, so their restore may defer regs/sregs/events under the conditions at the top of
+    cdefs/fastpath.c; restore_raw() then loads them at once (flush), so the restore is complete
+    when it returns, as one by ioctls is."""
+
+    def __init__(self, vcpu):
+        self.fd = vcpu.fd
+        c = self.c = ffi.new("struct vmm_fp_vcpu *")
+        c.fd, c.vm_fd, c.run = vcpu.fd, vcpu.vm.fd, vcpu.kvm_run
+        sync = (vcpu.vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS) & SYNC_ALL) == SYNC_ALL
+        c.flags = (lib.VMM_FP_HAS_LAPIC if vcpu.vm.has_irqchip else 0) | (lib.VMM_FP_SYNC_REGS if sync else 0)
+        self.xsave2 = bool(vcpu.vm.xsave2_size())
+        self.xsave_size = max(vcpu.vm.xsave2_size(), 4096)
+        self.templates = {}
+
+    def template(self, indices, has_lapic):
+        key = (indices, self.xsave_size, has_lapic)
+        t = self.templates.get(key)
+        if t is None:
+            if len(self.templates) > 16:
+                self.templates.clear()
+            t = self.templates[key] = FastState(indices, self.xsave_size, has_lapic)
+        return t
+
+
+def plan(vcpu):
+    """The general path's _Plan of this Vcpu, made on first use."""
+    p = getattr(vcpu, "_fp_plan", None)
+    if p is None or p.fd != vcpu.fd:
+        p = vcpu._fp_plan = _Plan(vcpu)
+    return p
+
+
+def save_raw(vcpu, msr_indices):
+    """Save this vCPU into new buffers with one C call (the fast path's save: regs/sregs/events from
+    the KVM_RUN that completes pending I/O when KVM_CAP_SYNC_REGS allows). `msr_indices` must have
+    MSR_IA32_TSC_DEADLINE, if present, last. Raises KvmError naming the ioctl that failed."""
+    if vcpu.fd < 0:
+        raise StateError("the vCPU is closed")
+    p = plan(vcpu)
+    has_lapic = vcpu.vm.has_irqchip
+    for _ in range(2):
+        st = FastState.like(p.template(msr_indices, has_lapic))
+        r = lib.vmm_fp_save(p.c, st.c)
+        if r == -errno.EMSGSIZE and p.c.step == lib.VMM_FP_STEP_XSAVE_SIZE:
+            p.xsave_size = p.c.done  # KVM_CAP_XSAVE2 changed (a permission request): new buffers
+            continue
+        if r < 0:
+            _raise(p.c, p.xsave2, r, 0, st)
+        st.owner = p
+        return st
+    _raise(p.c, p.xsave2, r, 0, st)
+
+
+def restore_raw(vcpu, st):
+    """Restore buffers with one C call (the fast path's plan: pieces by ioctl in state.py's
+    documented order, regs/sregs/events through kvm_run where cdefs/fastpath.c finds that safe),
+    then, if any piece was deferred, KVM_RUN with immediate_exit to load it now: on return KVM
+    holds the whole state. The caller made every check first. Raises KvmError or StateError."""
+    p = vcpu.__dict__.get("_fp_plan")
+    if p is None or p.fd != vcpu.fd:
+        if vcpu.fd < 0:
+            raise StateError("the vCPU is closed")
+        p = plan(vcpu)
+    if st.owner is not p:
+        st.c.trusted = 0  # saved elsewhere: every piece by ioctl, in order
+    r = lib.vmm_fp_restore(p.c, st.c)
+    if r < 0:
+        st.owner = None
+        _raise(p.c, p.xsave2, r, 1, st)
+    st.owner = p
+    if p.c.deferred:
+        r = lib.vmm_fp_flush(p.c)
+        if r == -errno.EAGAIN:
+            raise StateError("KVM_RUN returned before loading the restored registers from kvm_run")
+        if r < 0:
+            _raise(p.c, p.xsave2, r, 1, None)
 
 
 def _fill(ptr, raw, what):
@@ -451,3 +573,7 @@ _GET_LAPIC, _SET_LAPIC = REQUEST["KVM_GET_LAPIC"], REQUEST["KVM_SET_LAPIC"]
 _SIZE_REGS = ffi.sizeof("struct kvm_regs")
 _SIZE_SREGS = ffi.sizeof("struct kvm_sregs")
 _SIZE_EVENTS = ffi.sizeof("struct kvm_vcpu_events")
+_SIZE_MSR_ENTRY = ffi.sizeof("struct kvm_msr_entry")
+_SIZE_MSRS_HEAD = ffi.sizeof("struct kvm_msrs")  # without the entries
+_SIZE_STATE = (ffi.sizeof("struct vmm_fp_state") + 63) & ~63
+_new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)

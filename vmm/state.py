@@ -31,6 +31,7 @@ from ._bindings import ffi, lib
 from .cpuid import CpuidTable
 from .cstructs import Regs, Sregs, Segment, DTable
 from .errors import KvmError, StateError
+from .fastpath import fill, restore_raw, save_raw
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
@@ -46,6 +47,7 @@ CET_SSP_MSRS = (0x6A4, 0x6A5, 0x6A6, 0x6A7, 0x6A8)  # PL0-3_SSP, INT_SSP_TAB
 FEATURE_GATED_MSRS = msr_features.GATED
 
 
+_FEATURE_GATED = frozenset(FEATURE_GATED_MSRS)
 _gated_cache = {}
 
 
@@ -77,6 +79,36 @@ class VcpuState:
     # KVM_GET_CPUID2 when it differs from the CPUID userspace set (seen on PVM hosts, which add
     # host features): a diagnostic; restore sets `cpuid`, the table the guest was given.
     cpuid_kvm: CpuidTable = None
+
+    # --- lazy views: save_state() keeps the C buffers and decodes a piece when it is first read
+    @classmethod
+    def _from_raw(cls, raw, cpuid, tsc_khz, cpuid_kvm):
+        """A state whose `_LAZY` pieces are decoded from `raw` (vmm.fastpath.FastState, owned by
+        this state alone) on first access; the others are given."""
+        s = cls.__new__(cls)
+        d = s.__dict__
+        d["_raw"] = raw
+        d["cpuid"], d["tsc_khz"], d["cpuid_kvm"] = cpuid, tsc_khz, cpuid_kvm
+        # lapic has a class default (None), so it cannot be lazy: read now, and remembered to tell
+        # whether it was replaced since
+        d["lapic"] = d["_raw_lapic"] = raw.buffer("lapic")[:] if raw.c.has_lapic else None
+        return s
+
+    def __getattr__(self, name):
+        # only reached for an attribute the instance lacks: a piece not decoded yet
+        raw = self.__dict__.get("_raw")
+        if raw is None or name not in _DECODE:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = self.__dict__[name] = _DECODE[name](raw)
+        return value
+
+    def _undecoded_raw(self):
+        """The C buffers when no piece has been decoded (so none can have been changed), else None."""
+        d = self.__dict__
+        raw = d.get("_raw")
+        if raw is None or not _DECODE.keys().isdisjoint(d) or d["lapic"] is not d["_raw_lapic"]:
+            return None
+        return raw
 
     # --- JSON (hex strings for values, as the rest of the project) ------------------------------
     def to_json(self):
@@ -114,6 +146,28 @@ class VcpuState:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StateError(f"malformed vCPU state: {type(e).__name__}: {e}") from None
+
+
+def _xcrs_of(raw):
+    x = raw.c.xcrs
+    return {x.xcrs[i].xcr: x.xcrs[i].value for i in range(x.nr_xcrs)}
+
+
+def _msrs_of(raw):
+    e = raw._msrs.entries
+    return {e[i].index: e[i].data for i in range(len(raw.msr_indices))}
+
+
+_DECODE = {  # piece -> decoder from vmm.fastpath.FastState (the same values save_state read by ioctl)
+    "mp_state": lambda raw: raw.c.mp_state.mp_state,
+    "regs": lambda raw: Regs.from_c(raw.c.regs),
+    "sregs": lambda raw: Sregs.from_c(raw.c.sregs),
+    "xsave": lambda raw: raw.buffer("xsave")[:],
+    "xcrs": _xcrs_of,
+    "msrs": _msrs_of,
+    "events": lambda raw: raw.buffer("events")[:],
+    "debugregs": lambda raw: raw.buffer("debugregs")[:],
+}
 
 
 def _sregs_to_json(s):
@@ -212,37 +266,35 @@ def _saveable_msrs_cached(vcpu, cpuid):
 def save_state(vcpu, msr_indices=None, diagnose=False):
     """Everything KVM holds for this vCPU, in the order KVM's selftests read it.
 
+    The ioctls are the C fast path's plan (cdefs/fastpath.c, one call): the KVM_RUN with
+    immediate_exit that completes pending I/O also hands over regs, sregs and vCPU events
+    (KVM_CAP_SYNC_REGS; KVM_GET_REGS/SREGS/VCPU_EVENTS where it does not), then KVM_GET_MSRS,
+    GET_MP_STATE, GET_XSAVE2 (or GET_XSAVE), GET_XCRS, GET_DEBUGREGS and GET_LAPIC. The VcpuState
+    keeps those buffers and decodes each piece on first access: the same values, byte for byte.
+
     The CPUID saved is the table this process gave KVM_SET_CPUID2 (KVM_GET_CPUID2 when there is
-    none). With `diagnose`, KVM_GET_CPUID2 is also read and kept when it differs (snapshots do)."""
-    sync = _has_sync_regs(vcpu.vm.kvm)
-    complete_pending_io(vcpu, sync)
-    if sync:
-        area = vcpu.kvm_run.s.regs
-        regs, sregs = Regs.from_c(area.regs), Sregs.from_c(area.sregs)
-        events = bytes(ffi.buffer(ffi.addressof(area, "events")))
-    else:
-        regs, sregs, events = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_vcpu_events()
+    none). With `diagnose`, KVM_GET_CPUID2 is also read and kept when it differs (snapshots do).
+    The MSRs are `msr_indices` (default: saveable_msrs(), probed once per vCPU and CPUID), TSC
+    deadline last. Raises KvmError naming the ioctl that failed."""
     kvm_cpuid = vcpu.get_cpuid2() if diagnose or vcpu.cpuid is None else None
     cpuid = vcpu.cpuid if vcpu.cpuid is not None else kvm_cpuid
-    msr_indices = msr_indices if msr_indices is not None else _saveable_msrs_cached(vcpu, cpuid)
-    msrs = vcpu.get_msrs(msr_indices)
-    # TSC deadline goes last so that restore writes it after the LAPIC
-    if MSR_IA32_TSC_DEADLINE in msrs:
-        msrs[MSR_IA32_TSC_DEADLINE] = msrs.pop(MSR_IA32_TSC_DEADLINE)
-    return VcpuState(
-        cpuid=cpuid,
-        mp_state=vcpu.get_mp_state(),
-        regs=regs,
-        sregs=sregs,
-        xsave=vcpu.get_xsave(),
-        xcrs=vcpu.get_xcrs(),
-        msrs=msrs,
-        events=events,
-        debugregs=vcpu.get_debugregs(),
-        lapic=vcpu.get_lapic() if vcpu.vm.has_irqchip else None,
-        tsc_khz=vcpu.tsc_khz(),
-        cpuid_kvm=None if kvm_cpuid is None or kvm_cpuid == cpuid else kvm_cpuid,
-    )
+    indices = _msr_order(vcpu, tuple(msr_indices) if msr_indices is not None else
+                         tuple(_saveable_msrs_cached(vcpu, cpuid)))
+    raw = save_raw(vcpu, indices)
+    return VcpuState._from_raw(raw, cpuid, vcpu.tsc_khz(),
+                               None if kvm_cpuid is None or kvm_cpuid == cpuid else kvm_cpuid)
+
+
+def _msr_order(vcpu, indices):
+    """The MSR indices with MSR_IA32_TSC_DEADLINE moved last (restore writes it after the LAPIC),
+    remembered per vCPU for the last set asked for."""
+    hit = getattr(vcpu, "_msr_order", None)
+    if hit is None or hit[0] != indices:
+        ordered = indices
+        if MSR_IA32_TSC_DEADLINE in indices:
+            ordered = tuple(m for m in indices if m != MSR_IA32_TSC_DEADLINE) + (MSR_IA32_TSC_DEADLINE,)
+        hit = vcpu._msr_order = (indices, ordered)
+    return hit[1]
 
 
 # --- restore ---------------------------------------------------------------------------------------
@@ -288,7 +340,63 @@ def check_restorable(vcpu, state):
 def restore_state(vcpu, state, order=None):
     """Load `state` into `vcpu` in the documented order (see the module docstring).
 
-    `order` exists for the test that demonstrates why the order matters; callers leave it None."""
+    Every check comes before any ioctl: the XSAVE image against this vCPU's size (fit_xsave) and
+    the checks of Vcpu.set_xsave, MSRs of features the guest CPUID lacks, LAPIC registers without an
+    in-kernel irqchip. Then KVM_SET_CPUID2 (only when the vCPU holds another table) and
+    KVM_SET_TSC_KHZ (only when the rate differs) from Python, and the rest in one C call
+    (cdefs/fastpath.c with every piece set by ioctl, none left in kvm_run). A state from save_state()
+    that nobody decoded is restored from its own buffers. Raises StateError, XsaveError or KvmError.
+
+    `order` exists for the test that demonstrates why the order matters; callers leave it None
+    (with it, each step is its own Python ioctl call, in the order given)."""
+    if order is not None:
+        return _restore_in_order(vcpu, state, order)
+    raw = state._undecoded_raw() if isinstance(state, VcpuState) else None
+    if raw is not None and bool(raw.c.has_lapic) != (state.lapic is not None):
+        raw = None
+    memo = vcpu.__dict__.get("_restore_checked")
+    if raw is not None and memo is not None and memo[0] is raw and memo[1] is state.cpuid \
+            and memo[2] == raw.xsave_size:
+        # these very buffers passed every check below on this vCPU: what they depend on cannot
+        # have changed (guest XSAVE permissions only grow; the C code checks the XSAVE size first)
+        if state.lapic is not None and not vcpu.vm.has_irqchip:
+            raise StateError("the state has LAPIC registers but this VM has no in-kernel irqchip")
+        st = raw
+    else:
+        limits = vcpu._xsave_limits()  # (size, supported CPUID): one read for both XSAVE checks
+        if raw is not None and raw.xsave_size != limits[0]:
+            raw = None
+        if raw is not None:
+            _check_msrs_and_lapic(vcpu, state, raw.msr_indices)
+            vcpu.validate_xsave(memoryview(raw.buffer("xsave")), limits)
+            st = raw
+            vcpu._restore_checked = (raw, state.cpuid, raw.xsave_size)
+        else:
+            xsave = fit_xsave(state.xsave, limits[0])
+            _check_msrs_and_lapic(vcpu, state, state.msrs)
+            vcpu.validate_xsave(xsave, limits)
+            st = fill(state, xsave)
+    if not (vcpu.cpuid is state.cpuid or vcpu.cpuid == state.cpuid):
+        vcpu.set_cpuid2(state.cpuid)  # a vCPU that already holds exactly this CPUID needs none
+    if state.tsc_khz and state.tsc_khz != vcpu.tsc_khz():
+        _set_tsc_khz(vcpu, state.tsc_khz)
+    restore_raw(vcpu, st)
+
+
+def _check_msrs_and_lapic(vcpu, state, msr_indices):
+    gated = _FEATURE_GATED
+    stray = [m for m in msr_indices if m in gated]
+    if stray:
+        allowed = set(gated_msrs(state.cpuid))
+        stray = sorted(m for m in stray if m not in allowed)
+    if stray:
+        raise StateError("the state carries MSRs for features its guest CPUID does not have: "
+                         + ", ".join(f"0x{m:x} ({'/'.join(FEATURE_GATED_MSRS[m])})" for m in stray))
+    if state.lapic is not None and not vcpu.vm.has_irqchip:
+        raise StateError("the state has LAPIC registers but this VM has no in-kernel irqchip")
+
+
+def _restore_in_order(vcpu, state, order):
     xsave = check_restorable(vcpu, state)
     # regs/sregs/events a fast-path restore left in kvm_run would overwrite these at the next KVM_RUN
     vcpu.kvm_run.kvm_dirty_regs = 0
@@ -311,7 +419,7 @@ def restore_state(vcpu, state, order=None):
         "debugregs": lambda: vcpu.set_debugregs(state.debugregs),
         "regs": lambda: vcpu.set_regs(state.regs),
     }
-    for step in order or RESTORE_ORDER:
+    for step in order:
         steps[step]()
 
 

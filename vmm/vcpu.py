@@ -269,11 +269,12 @@ class Vcpu:
         buf = ffi.new("char[]", raw)
         ioctl(self.fd, "KVM_SET_XSAVE", buf)
 
-    def validate_xsave(self, raw):
+    def validate_xsave(self, raw, limits=None):
         """The checks set_xsave makes before KVM_SET_XSAVE (raises XsaveError); no ioctl but the
-        size and permission reads."""
+        size and permission reads (`limits`: the (size, supported CPUID) of _xsave_limits() when the
+        caller has just read them)."""
         from .xsave import validate_for_set  # the buffer decoder: only when a buffer is set
-        size, supported = self._xsave_limits()
+        size, supported = self._xsave_limits() if limits is None else limits
         if supported.xcr0_supported():
             layout = _layout_of(supported)
         else:  # a host without XSAVE: KVM takes the FXSAVE image in the same buffer
