@@ -120,3 +120,18 @@ def test_ssbd_and_stibp_are_derived_from_the_amd_bits_as_kvm_does():
     assert "SSBD" not in c.features["missing"] and "STIBP" not in c.features["missing"]
     b = CpuidTable.from_json(baseline.compute([host_of(MILAN), genoa])["cpuid"])
     assert b.has("SSBD") and b.has("STIBP")
+
+
+def test_a_dump_missing_sub_leaves_is_judged_with_warnings_and_named_unknowns():
+    """Supervisor sub-leaf missing: nothing refused, a warning names the leaf. A user sub-leaf of a
+    component the guest uses missing: compat says which component's offset is unknown there."""
+    t = read_cpuid_file(SPR).table
+    t.remove(0xD, 0xB)  # CET_U (supervisor)
+    h = Host.from_dump(t, "spr-no-cet-u")
+    c = compare(Guest.from_host(host_of(SPR)), h)
+    assert c.compatible, c.problems
+    assert any("CPUID.(0DH,0xb)" in w and "CET_U (11)" in w for w in c.warnings)
+    t.remove(0xD, 9)  # PKRU (user, in the guest's XCR0)
+    c = compare(Guest.from_host(host_of(SPR)), Host.from_dump(t, "spr-no-pkru"))
+    assert "XSAVE component PKRU (9) (guest XCR0): its offset there is unknown (CPUID.(0DH,0x9) is missing)" \
+        in c.problems

@@ -52,6 +52,7 @@ def compute(hosts):
     if overlaps:
         raise BaselineError("baseline: XSAVE components overlap in the standard format, so no guest "
                             "state can be laid out for every host: " + "; ".join(overlaps))
+    layout_warnings = [f"{h.label}: {x}" for h, lay in layouts for x in lay.warnings]
     base = next((h for h in hosts if h.kind in ("report", "here")), hosts[0])
     caps = [h.guest_cpuid(h.supported.xcr0_supported() & ~XTILE) for h in hosts]
     table, warnings = merge_tables(base.guest_cpuid(base.supported.xcr0_supported() & ~XTILE), caps)
@@ -117,7 +118,7 @@ def compute(hosts):
         "dropped_components": dropped_components + ([{"index": 18, "name": "XTILEDATA",
                                                       "why": "AMX needs a guest permission; left out"}]
                                                     if any(h.table.xcr0_supported() & XTILE for h in hosts) else []),
-        "warnings": warnings,
+        "warnings": layout_warnings + warnings,
         "cpuid": table.to_json(),
     }
 

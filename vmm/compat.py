@@ -195,6 +195,9 @@ def compare(guest, host, wording=COMPAT):
     if g_layout is not None:
         problems += [f"XSAVE layout {w.in_guest}: {p}" for p in g_layout.overlap_problems(mask & g_cpuid_xcr0)]
     problems += [f"XSAVE layout {w.there}: {p}" for p in h_layout.overlap_problems(mask & h_xcr0)]
+    warnings += [f"XSAVE layout {w.there}: {x}" for x in h_layout.warnings]
+    if g_layout is not None:
+        warnings += [f"XSAVE layout {w.in_guest}: {x}" for x in g_layout.warnings]
     components = []
     for i in bits_of(mask):
         src = g_layout.components.get(i) if g_layout and g_cpuid_xcr0 >> i & 1 else None

@@ -29,8 +29,8 @@ class HostError(VmmError):
 
 def fingerprint(kvm):
     """What a destination needs to know about the host a guest was saved on (recorded in snapshots
-    and in probe reports): kernel, vendor, PVM, KVM capabilities, KVM_GET_SUPPORTED_CPUID and the
-    XSAVE layout it enumerates."""
+    and in probe reports): kernel, vendor, PVM, KVM capabilities, KVM_GET_SUPPORTED_CPUID, the
+    XSAVE layout it enumerates and KVM_GET_MSR_INDEX_LIST (hex strings)."""
     from .kvm import is_pvm
     supported = kvm.get_supported_cpuid()
     return {
@@ -41,6 +41,7 @@ def fingerprint(kvm):
         "tsc_khz": _tsc_khz(kvm),
         "supported_cpuid": supported.to_json(),
         "xsave_layout": XsaveLayout.from_cpuid(supported).to_json(),
+        "msr_index_list": [f"{i:#x}" for i in kvm.msr_index_list()],
     }
 
 
@@ -157,8 +158,8 @@ class Host:
         xcr0 = table.xcr0_supported()
         try:
             xsave2 = kvm_xsave_size(layout, xcr0 & ~XTILE)
-        except XsaveError as e:
-            raise HostError(f"{label}: {e}") from None
+        except XsaveError:  # a user component's sub-leaf is missing: what needs it says so
+            xsave2 = None
         no_amx = table
         if xcr0 & XTILE:  # what KVM lists before the permission: no tiles, a smaller area
             no_amx = table.copy()
