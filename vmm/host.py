@@ -88,7 +88,11 @@ class Host:
         """The guest CPUID this host gives for `xcr0` (default: everything it can, AMX included
         when grantable); for a CPU's own CPUID, with what KVM emulates or derives added."""
         t = self.table
-        mask = t.xcr0_supported() if xcr0 is None else xcr0
+        if xcr0 is None:  # everything it can: a component whose sub-leaf is unknown cannot be laid out
+            unknown = sum(1 << i for i in XsaveLayout.from_cpuid(t).unknown) if t.xcr0_supported() else 0
+            mask = t.xcr0_supported() & ~unknown
+        else:
+            mask = xcr0
         try:
             g = t.guest_for_xcr0(mask)
         except (CpuidError, XsaveError) as e:
