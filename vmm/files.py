@@ -19,7 +19,6 @@ import io
 import os
 import stat
 import sys
-import tempfile
 
 from .errors import VmmError
 
@@ -210,6 +209,7 @@ def output(path, binary=False):
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
+    import tempfile  # lazily: `vmm run` reads files but writes none
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.", suffix=".tmp", dir=directory)
     except OSError as e:
