@@ -44,6 +44,9 @@ def test_cpuid_r_of_all_cpus_takes_cpu_0_and_says_so(tmp_path):
     d = read_cpuid_file(p)
     assert d.table == read_cpuid_file(MILAN).table
     assert d.notes == ["2 CPUs in the file: the first, CPU 0, is used"]
+    r = vmm("compat", str(p), "--host", str(p))  # compat says which CPU stands for the host
+    assert r.returncode == 0, r.stderr
+    assert "destination  CPUID dump all.txt (2 CPUs in the file: the first, CPU 0, is used)" in r.stdout
 
 
 def test_aida64_with_several_cpus_takes_the_first(tmp_path):

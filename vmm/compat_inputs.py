@@ -19,7 +19,8 @@ __all__ = ["read_input", "load_host", "load_guest", "here"]
 
 def read_input(spec):
     """('here', None) | ('snapshot', path) | ('cloud-hypervisor', path) | ('report', dict)
-    | ('baseline', dict) | ('cpuid', table) | ('dump', table), judged by content, not by the file name."""
+    | ('baseline', dict) | ('cpuid', CpuidDump) | ('dump', CpuidDump), judged by content, not by the
+    file name."""
     if spec == "here":
         return "here", None
     if not os.path.exists(spec):
@@ -65,7 +66,13 @@ def read_input(spec):
         dump = parse_cpuid_text(text, spec)
     except CpuidError as e:
         raise CompatError(f"{spec}: not a vmm snapshot, probe report, CPUID JSON or CPUID dump ({e})") from None
-    return ("cpuid" if dump.format == "json" else "dump"), dump.table
+    return ("cpuid" if dump.format == "json" else "dump"), dump
+
+
+def _dump_label(kind, dump, spec):
+    """'CPUID dump x.txt', with what the reader decided (which CPU of a multi-CPU dump) said."""
+    label = f"CPUID {'dump' if kind == 'dump' else 'JSON'} {os.path.basename(spec)}"
+    return f"{label} ({'; '.join(dump.notes)})" if dump.notes else label
 
 
 def _check_baseline(data, spec):
@@ -84,7 +91,7 @@ def load_host(spec, device="/dev/kvm"):
     if kind == "report":
         return _host(Host.from_report, obj, f"probe report {spec}")
     if kind in ("dump", "cpuid"):
-        return _host(Host.from_dump, obj, f"CPUID {'dump' if kind == 'dump' else 'JSON'} {os.path.basename(spec)}")
+        return _host(Host.from_dump, obj.table, _dump_label(kind, obj, spec))
     if kind in ("snapshot", "cloud-hypervisor"):
         raise CompatError(f"{spec}: a snapshot is a guest, not a host: give it as SOURCE, and as the "
                           "destination a probe report, a CPUID dump or 'here'")
@@ -124,5 +131,5 @@ def load_guest(spec, device="/dev/kvm"):
             raise CompatError(f"{spec}: {e}") from None
         return Guest(label=f"baseline {spec}", kind="cpuid", cpuid=table)
     if kind == "cpuid":
-        return Guest(label=f"guest CPUID {spec}", kind="cpuid", cpuid=obj)
+        return Guest(label=f"guest CPUID {spec}", kind="cpuid", cpuid=obj.table)
     return Guest.from_host(load_host(spec, device))
