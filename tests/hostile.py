@@ -17,7 +17,7 @@ EXIT_SCHEME = {0, 1, 2, 3, 4}  # 130 and 141 need a signal or a closed pipe, whi
 def vmm(*args, cwd=None, timeout=60, **kw):
     """`vmm ARGS` as a user runs it: a real process."""
     return subprocess.run([sys.executable, "-m", "vmm.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, **kw)
+                          errors="replace", timeout=timeout, cwd=cwd, **kw)  # replace: `-o -` is binary
 
 
 def make_paths(d: Path):

@@ -4,6 +4,8 @@ process. Whatever the input: no traceback, an exit status from the scheme, no no
 replaced, no partial output left (no temporary file; a failed write to a new path leaves nothing,
 to an existing file leaves it as it was).
 
+A deterministic sweep runs each command once with each hostile input and each writing command once
+with each kind of output (about 90 s); the hypothesis test draws the rest.
 Bounded for `make test` by count and time: VMM_FUZZ_EXAMPLES (default 40) examples, stopping early
 after VMM_FUZZ_SECONDS (default 60). A longer run:
     VMM_FUZZ_EXAMPLES=2000 VMM_FUZZ_SECONDS=3600 .venv/bin/python -m pytest -q tests/test_cli_fuzz.py
@@ -111,11 +113,17 @@ def test_fuzz_the_cli(world, data):
     if "--timeout" not in argv and argv[0] in ("run", "snapshot", "xsave", "reg", "cpuid"):
         argv += ["--timeout", "2"]  # spin must not hold the run up
 
+    check(d, p, argv, timeout=120)
+
+
+def check(d, p, argv, timeout):
+    """Run `vmm ARGV` and check what must hold for any input (module docstring); then restore the
+    fixed paths for the next run."""
     fixed = {k: v for k, v in p.items() if k != "new"}  # "new" may be created; nothing else may change kind
     before_kinds = kinds(fixed)
     before_regular = p["regular"].read_bytes()
     new_existed = os.path.lexists(p["new"])
-    r = vmm(*argv, timeout=120)
+    r = vmm(*argv, timeout=timeout)
     if os.environ.get("VMM_FUZZ_LOG"):
         with open(os.environ["VMM_FUZZ_LOG"], "a") as log:
             log.write(f"{r.returncode} {argv}\n")
@@ -136,3 +144,24 @@ def test_fuzz_the_cli(world, data):
         shutil.rmtree(p["new"]) if stat.S_ISDIR(os.lstat(p["new"]).st_mode) else os.unlink(p["new"])
     if p["regular"].read_bytes() != before_regular:
         p["regular"].write_bytes(before_regular)
+
+
+SWEEP_INPUTS = ["fifo", "zero", "null", "huge", "proc", "sock", "dir", "devlink", "empty", "garbage", "missing"]
+SWEEP_COMMANDS = [["restore", "{0}"], ["inspect", "{0}"], ["cpuid", "--file", "{0}"], ["xsave", "--layout", "--file", "{0}"],
+                  ["compat", "{0}"], ["compat", "here", "--host", "{0}"], ["baseline", "{0}", "-o", "{new}"],
+                  ["reg", "get", "{0}", "RIP"], ["amx", "--file", "{0}"], ["caps", "--device", "{0}"], ["diff", "{0}", "{0}"],
+                  ["run", "--cpu", "{0}"], ["run", "{0}"], ["snapshot", "sync", "--cpu", "{0}", "-o", "{new}"]]
+SWEEP_OUTPUTS = ["new", "regular", "link", "null", "full", "fifo", "sock", "dir", "missing", "devlink", "-"]
+
+
+def test_every_command_meets_every_hostile_input_and_output(world):
+    """The deterministic half: each command once with each hostile input, and each writing command
+    once with each kind of output (a hang fails: no run may take 30 s)."""
+    d, p = world
+    for template in SWEEP_COMMANDS:
+        for which in SWEEP_INPUTS:
+            check(d, p, [w.format(str(p[which]), new=p["new"]) for w in template], timeout=30)
+    for template in (["snapshot", "sync", "-o"], ["baseline", "here", "-o"],
+                     ["probe", "--check", "cap_xsave2_dev_kvm", "-o"]):
+        for which in SWEEP_OUTPUTS:
+            check(d, p, [*template, "-" if which == "-" else str(p[which])], timeout=30)

@@ -31,11 +31,11 @@ def read_input(spec):
         if is_ch_snapshot(spec):
             return "cloud-hypervisor", spec
         raise CompatError(f"{spec}: is a directory, and not a Cloud Hypervisor snapshot (no state.json)")
-    try:
-        with open(spec, "rb") as f:
+    try:  # a regular file only: a FIFO or device would block or never end
+        with files.open_input(spec, "snapshot, probe report, CPUID JSON or CPUID dump") as f:
             head = f.read(len(SNAPSHOT_MAGIC))
-    except OSError as e:
-        raise CompatError(f"{spec}: cannot read: {e.strerror or e}") from None
+    except files.FileError as e:
+        raise CompatError(str(e)) from None
     if head == SNAPSHOT_MAGIC:
         return "snapshot", spec
     try:

@@ -100,8 +100,12 @@ class Image:
 
 def _symbols(path):
     syms = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
+    if path.is_file():
+        try:  # optional: an unreadable symbol file means no symbols, not an error
+            text = files.read_text(path, "symbol file", 16 << 20)
+        except files.FileError:
+            text = ""
+        for line in text.splitlines():
             parts = line.split()
             if len(parts) == 3:
                 syms[parts[2]] = int(parts[0], 16)
