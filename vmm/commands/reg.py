@@ -152,7 +152,7 @@ def reg_get(source, names, vcpu, device, at_sync, timeout, as_json):
         for n in names:
             if ids[n] is not None:
                 v = acc.get(ids[n])
-                out.append((dict(regs.describe(ids[n]), value=hex(v)), f"0x{v:016x}"))
+                out.append((dict(regs.describe(ids[n]), value=hex(v)), format_value(v, 8)))
             else:
                 out.append(_row(rf, n))
     if as_json:
