@@ -100,21 +100,27 @@ def vcpu_state(cpuid, xsave, xcr0, rax=0, rip=RIP, msrs=((0xC0000082, 0xFFFFFFFF
     return {"Kvm": st}
 
 
-def write_ch(path, vcpus, kind="Kvm"):
-    """A Cloud Hypervisor snapshot directory: state.json (the Snapshot tree) and config.json."""
+def write_ch(path, vcpus, kind="Kvm", memory=()):
+    """A Cloud Hypervisor snapshot directory: state.json (the Snapshot tree), config.json, and
+    memory-ranges holding `memory` [(gpa, bytes)] back to back in the order listed."""
     def node(children=None, data=None):
         return {"snapshots": children or {},
                 "snapshot_data": None if data is None else {"state": json.dumps(data)}}
     if kind != "Kvm":
         vcpus = [{kind: v["Kvm"]} for v in vcpus]
     cpu_manager = node({str(i): node(data=v) for i, v in enumerate(vcpus)})
-    root = node({"cpu-manager": cpu_manager, "memory-manager": node(data={"memory_ranges": []})},
+    ranges = {"data": [{"gpa": g, "length": len(b)} for g, b in memory]}
+    root = node({"cpu-manager": cpu_manager, "memory-manager": node(data={"memory_ranges": ranges})},
                 data={"clock": {"tsc": 0, "clock": 0, "flags": 0}, "common_cpuid": vcpus[0][kind]["cpuid"]})
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "state.json"), "w") as f:
         json.dump(root, f)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"cpus": {"boot_vcpus": len(vcpus)}}, f)
+    if memory:
+        with open(os.path.join(path, "memory-ranges"), "wb") as f:
+            for _, b in memory:
+                f.write(b)
     return str(path)
 
 
@@ -176,15 +182,22 @@ def test_compat_here_names_xtiledata_when_this_host_has_no_amx(amx_snap, kvm):
 def test_diff_of_two_ch_snapshots_lists_what_differs(tmp_path, spr):
     tile = bytearray(TILE0)
     tile[5] ^= 0xFF
-    a = write_ch(tmp_path / "a", [vcpu_state(spr, xsave_amx(), 0x602E7)])
-    b = write_ch(tmp_path / "b", [vcpu_state(spr, xsave_amx(bytes(tile)), 0x602E7, rax=7)])
+    low, high = bytes(0xA0000), bytearray(0x100000)
+    high[0x5000] = 1  # differs in the page at 0x105000
+    a = write_ch(tmp_path / "a", [vcpu_state(spr, xsave_amx(), 0x602E7)],
+                 memory=[(0, low), (0x100000, bytes(0x100000))])
+    b = write_ch(tmp_path / "b", [vcpu_state(spr, xsave_amx(bytes(tile)), 0x602E7, rax=7)],
+                 memory=[(0, low), (0x100000, bytes(high))])
     r = vmm("diff", a, b, "--json")
     assert r.returncode == 1, r.stderr
     d = json.loads(r.stdout)
     assert [x["name"] for x in d["vcpus"][0]["differences"]] == ["RAX", "TMM0"]
-    assert d["memory"] is None and "not compared" in d["memory_note"]
+    assert d["memory"] == [{"gpa": "0x105000", "length": 4096}]
     r = vmm("diff", a, a)
-    assert r.returncode == 0 and "registers equal" in r.stdout
+    assert r.returncode == 0 and "registers equal" in r.stdout and "memory: equal" in r.stdout
+    os.truncate(os.path.join(b, "memory-ranges"), 0x1000)
+    r = vmm("diff", a, b)
+    assert r.returncode == 2 and "truncated" in r.stderr
 
 
 def test_inspect_decodes_each_vcpu(amx_snap):

@@ -1,6 +1,8 @@
 """Cloud Hypervisor snapshots (x86_64, KVM) read as vmm vCPU states. Pure, no KVM.
 
-A Cloud Hypervisor snapshot is a directory with config.json, state.json and memory-ranges. Its
+A Cloud Hypervisor snapshot is a directory with config.json, state.json and memory-ranges (the guest
+memory ranges the node "memory-manager" lists as memory_ranges.data [{gpa, length}], back to back in
+that order; vmm/src/memory_manager.rs). Its
 state.json is a tree of vm_migration::Snapshot nodes: {"snapshots": {id: node}, "snapshot_data":
 {"state": "<JSON text>"} | null}. The root's data is the VmSnapshot (clock, common_cpuid); the node
 "cpu-manager" has one child per vCPU ("0", "1", ...) whose data is a hypervisor::CpuState,
@@ -31,6 +33,7 @@ from .cstructs import Regs, Sregs
 from .errors import VmmError
 
 STATE_FILE = "state.json"
+MEMORY_FILE = "memory-ranges"
 MAX_STATE_BYTES = 256 << 20  # a state.json is a few hundred KiB per vCPU; refuse absurd files
 KVM_XSAVE_REGION_WORDS = 1024
 
@@ -53,8 +56,10 @@ class ChSnapshot:
     """What `vmm.snapshot.Snapshot` offers to readers (path, meta, vcpus, guest_cpuid()), read from a
     Cloud Hypervisor snapshot directory. vcpus are vmm.state.VcpuState."""
 
-    def __init__(self, path, vcpus, common_cpuid, clock):
+    def __init__(self, path, vcpus, common_cpuid, clock, memory_ranges=(), memory_file=None):
         self.path = path
+        self.memory_ranges = list(memory_ranges)  # [(gpa, length, offset in memory_file)]
+        self.memory_file = memory_file            # memory-ranges, or None when absent
         self.vcpus = vcpus
         self.common_cpuid = common_cpuid
         self.meta = {"format": "cloud-hypervisor", "host": {}, "guest": {"name": os.path.basename(
@@ -88,10 +93,38 @@ def load(path) -> ChSnapshot:
         if kind != "Kvm":
             raise ChSnapshotError(f"{f}: {where}: {kind} state; vmm reads the x86_64 KVM state only")
         vcpus.append(_vcpu_state(st, f, where))
+    ranges, mem_file = _memory(node["snapshots"].get("memory-manager"), path, f)
     common = None
     if isinstance(vm_data, dict) and vm_data.get("common_cpuid"):
         common = _cpuid(vm_data["common_cpuid"], f, "common_cpuid")
-    return ChSnapshot(path, vcpus, common, vm_data.get("clock") if isinstance(vm_data, dict) else None)
+    return ChSnapshot(path, vcpus, common, vm_data.get("clock") if isinstance(vm_data, dict) else None,
+                      ranges, mem_file)
+
+
+def _memory(node, path, f):
+    """The guest memory ranges the memory manager saved ({"memory_ranges": {"data": [{gpa, length}]}})
+    and their file, memory-ranges, which holds them back to back in that order."""
+    if node is None:
+        return [], None
+    data = _data(_node(node, f, "snapshots.memory-manager"), f, "the memory-manager") or {}
+    table = data.get("memory_ranges", {}) if isinstance(data, dict) else {}
+    items = table.get("data", []) if isinstance(table, dict) else None
+    if not isinstance(items, list):
+        raise ChSnapshotError(f"{f}: the memory-manager's memory_ranges has no 'data' list")
+    ranges, offset = [], 0
+    for n, r in enumerate(items):
+        if (not isinstance(r, dict) or not all(isinstance(r.get(k), int) and 0 <= r[k] < 1 << 64
+                                               for k in ("gpa", "length"))):
+            raise ChSnapshotError(f"{f}: memory_ranges.data[{n}]: expected u64 gpa and length")
+        ranges.append((r["gpa"], r["length"], offset))
+        offset += r["length"]
+    mem_file = os.path.join(path, MEMORY_FILE)
+    if not ranges or not os.path.isfile(mem_file):
+        return ranges, None
+    size = os.stat(mem_file).st_size
+    if size < offset:
+        raise ChSnapshotError(f"{mem_file}: {size} bytes, the memory ranges need {offset}: truncated")
+    return ranges, mem_file
 
 
 def _json(raw, where):

@@ -74,43 +74,38 @@ def diff_cpuid(ta, tb):
     return out
 
 
-def diff_memory(slots_a, slots_b, read_a, read_b, chunk=1 << 20):
+def memory_reader(slots):
+    """read(gpa, n) over [(gpa, size, fetch)] where fetch(offset, n) returns the slot's bytes; guest
+    addresses no slot backs read as zero."""
+    def read(gpa, n):
+        out = bytearray(n)
+        for base, size, fetch in slots:
+            lo, hi = max(gpa, base), min(gpa + n, base + size)
+            if lo < hi:
+                out[lo - gpa:hi - gpa] = fetch(lo - base, hi - lo)
+        return bytes(out)
+    return read
+
+
+def diff_memory(extents_a, extents_b, read_a, read_b, chunk=1 << 20):
     """Guest-physical extents whose contents differ: [(gpa, length)], page granular.
 
-    slots_*: [(gpa, size, [(offset, length)] extents that may hold non-zero data)]; read_*(gpa, n)
-    returns the bytes at gpa. Pages outside every extent of both sides are zero on both and skipped.
-    A slot only one side has counts as differing where it holds data; slots at the same gpa with
-    different sizes compare over the common part and the rest differs."""
+    extents_*: [(gpa, length)] where a side may hold non-zero data (elsewhere it reads as zero, so
+    pages outside every extent of both sides are skipped); read_*(gpa, n) returns a side's bytes
+    (memory_reader). Memory one side has and the other lacks differs where it is not zero."""
+    pages = set()
+    for g, n in list(extents_a) + list(extents_b):
+        pages.update(range(g // PAGE, (g + n + PAGE - 1) // PAGE))
     runs = []
-    by_gpa_b = {g: (s, e) for g, s, e in slots_b}
-    seen_b = set()
-    for gpa, size, ext_a in slots_a:
-        if gpa not in by_gpa_b:
-            runs += [(gpa + o, n) for o, n in ext_a]
-            continue
-        seen_b.add(gpa)
-        size_b, ext_b = by_gpa_b[gpa]
-        common = min(size, size_b)
-        pages = set()
-        for o, n in ext_a + ext_b:
-            pages.update(range(o // PAGE, (min(o + n, common) + PAGE - 1) // PAGE))
-        for start, count in _runs(sorted(pages)):
-            off = start * PAGE
-            end = off + count * PAGE
-            while off < end:
-                n = min(chunk, end - off)
-                da, db = read_a(gpa + off, n), read_b(gpa + off, n)
-                if da != db:
-                    for p in range(0, n, PAGE):
-                        if da[p:p + PAGE] != db[p:p + PAGE]:
-                            runs.append((gpa + off + p, PAGE))
-                off += n
-        if size != size_b:
-            runs.append((gpa + common, max(size, size_b) - common))
-    for gpa, size, ext_b in slots_b:
-        if gpa not in seen_b:
-            runs += [(gpa + o, n) for o, n in ext_b]
-    return _coalesce(sorted(runs))
+    for start, count in _runs(sorted(pages)):
+        off, end = start * PAGE, (start + count) * PAGE
+        while off < end:
+            n = min(chunk, end - off)
+            da, db = read_a(off, n), read_b(off, n)
+            if da != db:
+                runs += [(off + p, PAGE) for p in range(0, n, PAGE) if da[p:p + PAGE] != db[p:p + PAGE]]
+            off += n
+    return _coalesce(runs)
 
 
 def _runs(pages):

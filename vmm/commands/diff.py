@@ -28,38 +28,47 @@ def _value_text(v, size):
 
 
 class _Side:
-    """One side of the diff: a StateSource plus a way to read its guest memory (or none)."""
+    """One side of the diff: a StateSource plus its guest memory, when vmm can read it, as
+    (extents that may hold data, read(gpa, n))."""
 
     def __init__(self, spec, stack, at_sync, timeout, device):
         from .. import sources
+        from ..statediff import memory_reader
         from .common import run_to_sync
         self.spec = spec
-        self.memory = None  # (slots, read) when the side's memory can be compared
+        self.memory = None
         if sources.kind_of(spec) == "guest":
             from ..guest.machine import Machine
             m = stack.enter_context(Machine(spec, device=device))
             run_to_sync(m, at_sync, timeout)
             self.src = sources.from_machine(m, f"guest {spec} at SYNC {at_sync}")
-            slots = [(mem.gpa, mem.size, [(0, mem.size)]) for mem in m.vm.memory]
-            self.memory = (slots, m.vm.read)
+            slots = [(mem.gpa, mem.size, lambda off, n, g=mem.gpa: m.vm.read(g + off, n)) for mem in m.vm.memory]
+            self.memory = ([(g, size) for g, size, _ in slots], memory_reader(slots))
             return
         self.src = sources.open_file_source(spec)
+        snap = self.src.snapshot
         if self.src.kind == "snapshot":
-            snap = self.src.snapshot
             f = stack.enter_context(open(spec, "rb"))
-            slots, where = [], []
+            slots, extents = [], []
             for mm in snap.memory:
-                sec = snap.sections[f"mem.{mm['slot']}"]
-                slots.append((mm["gpa"], mm["size"], [(o, n) for o, n, _ in mm["extents"]]))
-                where.append((mm["gpa"], mm["size"], sec.offset))
+                base = snap.sections[f"mem.{mm['slot']}"].offset
+                slots.append((mm["gpa"], mm["size"], _file_fetch(f, base)))
+                extents += [(mm["gpa"] + o, n) for o, n, _ in mm["extents"]]
+            self.memory = (extents, memory_reader(slots))
+        elif snap.memory_file is not None:  # Cloud Hypervisor: memory-ranges, ranges back to back
+            f = stack.enter_context(open(snap.memory_file, "rb"))
+            slots = [(g, n, _file_fetch(f, off)) for g, n, off in snap.memory_ranges]
+            self.memory = ([(g, n) for g, n, _ in snap.memory_ranges], memory_reader(slots))
 
-            def read(gpa, n, f=f, where=where):
-                for g, size, off in where:
-                    if g <= gpa and gpa + n <= g + size:
-                        f.seek(off + gpa - g)
-                        return f.read(n)
-                raise ValueError(f"guest memory 0x{gpa:x}+0x{n:x} is outside the snapshot's slots")
-            self.memory = (slots, read)
+
+def _file_fetch(f, base):
+    def fetch(off, n):
+        f.seek(base + off)
+        data = f.read(n)
+        if len(data) != n:
+            raise ValueError(f"{f.name}: truncated at offset {base + off + len(data)}")
+        return data
+    return fetch
 
 
 @click.command("diff")

@@ -172,21 +172,9 @@ def _parse_value(text, name):
 
 
 def _write_piece(vcpu, state, piece):
-    """Write one piece of a changed VcpuState to the vCPU (the ioctl that owns it)."""
-    if piece == "regs":
-        vcpu.set_regs(state.regs)
-    elif piece == "sregs":
-        vcpu.set_sregs(state.sregs)
-    elif piece == "debugregs":
-        vcpu.set_debugregs(state.debugregs)
-    elif piece == "xcrs":
-        vcpu.set_xcrs(state.xcrs)
-    elif piece == "xsave":
-        vcpu.set_xsave(state.xsave)
-    elif piece == "lapic":
-        vcpu.set_lapic(state.lapic)
-    elif piece == "msrs":
-        vcpu.set_msrs(state.msrs)
+    """Write one piece of a changed VcpuState to the vCPU through the ioctl that owns it: the
+    state's field names are the Vcpu's setter names (regs -> set_regs, xsave -> set_xsave, ...)."""
+    getattr(vcpu, f"set_{piece}")(getattr(state, piece))
 
 
 @reg.command("set")
