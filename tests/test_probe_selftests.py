@@ -13,7 +13,7 @@ from vmm.errors import KvmError
 from vmm.guest.machine import Machine, default_guest_cpuid
 from vmm.guest.runner import Done, Fault, Sync
 
-pytestmark = pytest.mark.kvm
+pytestmark = pytest.mark.kvm  # (the two offline tests need no KVM but cost nothing)
 
 NEW = {
     "sync_regs_invalid_bits", "sync_regs_round_trip", "userspace_io_rep_ins", "vcpu_cpuid_matches_supported",
@@ -321,3 +321,9 @@ def test_a_difference_names_the_platform_that_explains_it(tmp_path, monkeypatch)
     assert "TCG" in core.pvm_note(SimpleNamespace(pvm=False))
     monkeypatch.setattr(core, "cpu_model", lambda: "AMD EPYC 7B13 64-Core Processor")
     assert core.pvm_note(SimpleNamespace(pvm=False)) == ""
+
+
+def test_the_cli_offers_the_probe_groups():
+    """`vmm probe --group` lists the groups without importing vmm.probe (CLI start-up): the same tuple."""
+    from vmm.commands.probe import PROBE_GROUPS
+    assert PROBE_GROUPS == probe.GROUPS
