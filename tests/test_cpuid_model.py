@@ -45,6 +45,7 @@ def test_every_bit_of_every_register_has_exactly_one_kind():
     (0x80000002, 0, "eax", 0, SKIP),  # brand string
     (0x4, 1, "eax", 0, SKIP),  # cache parameters
     (0x14, 1, "ebx", 5, UNKNOWN),
+    (0x12, 2, "eax", 0, SKIP),  # SGX EPC sections
 ])
 def test_kinds(leaf, sub, reg, bit, kind):
     f = next(f for f in fields_of(leaf, sub, reg) if f.lo <= bit <= f.hi)
@@ -159,3 +160,15 @@ def test_every_msr_this_hosts_kvm_lists_is_in_the_table(kvm):
     assert msr_features.withheld(s.msrs, m.vcpu.cpuid) == []
     assert [i for i in listed if not msr_features.given(i, m.vcpu.cpuid) and i in s.msrs] == []
     assert supported is not None
+
+
+def test_compat_refuses_state_with_an_msr_its_own_cpuid_does_not_give_and_one_the_destination_lacks():
+    with_mpx = read_cpuid_file(DATA / "apx-overlapping-mpx.txt").table  # MPX with its XSAVE state
+    host = Host.from_dump(TABLES["spr"], "spr")
+    g = Guest(label="g", kind="snapshot", cpuid=TABLES["spr"].guest_for_xcr0(0xE7), msrs={0x10, 0xD90})
+    c = compare(g, host)
+    assert "MSRs the state carries that the guest's CPUID does not give it: 0xd90 (BNDCFGS) (MPX)" in c.problems
+    g2 = Guest(label="g", kind="snapshot", cpuid=with_mpx.guest_for_xcr0(0x1F), msrs={0x10, 0xD90})
+    assert g2.cpuid.has("MPX")
+    c2 = compare(g2, host)  # given to the guest, but Sapphire Rapids has no MPX to back it
+    assert "MSRs the state carries for features the destination lacks: 0xd90 (BNDCFGS) (MPX)" in c2.problems

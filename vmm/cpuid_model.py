@@ -227,6 +227,8 @@ def fields_of(leaf: int, subleaf: int, register: str) -> list[Field]:
     why = _skip_leaf(leaf)
     if why:
         return [Field(leaf, subleaf, register, 0, 31, SKIP, "leaf", why)]
+    if leaf == 0x12 and subleaf >= 2:
+        return [Field(leaf, subleaf, register, 0, 31, SKIP, "SGX EPC section", "EPC memory of the host")]
     if leaf == 0xD and subleaf >= 2:
         return [Field(leaf, subleaf, register, 0, 31, XSAVE, f"XSAVE component {subleaf}",
                       "judged with the XSAVE components")]
