@@ -128,3 +128,14 @@ def test_mmio_to_unbacked_memory_is_reported(machine):
     assert (ev.address, ev.is_write, ev.len, ev.data) == (0xD0000000, True, 4, 0x1234ABCD)
     # KVM completes an MMIO write before it exits: RIP is already past the 6-byte `movl $imm, (%rdi)`
     assert ev.rip == m.image.symbols["mmio_store"] + 6
+
+
+def test_an_xcr0_asked_for_is_the_one_the_guest_gets(machine):
+    """--xcr0 x87|SSE: the guest CPUID gets CPUID.1:ECX.XSAVE (KVM needs it for CR4.OSXSAVE and
+    XCR0) even where KVM_GET_SUPPORTED_CPUID does not list it, so XCR0 is 0x3, not KVM's reset 0x1;
+    the checkpoint guest fills exactly x87 and SSE."""
+    m = machine("checkpoint", xcr0=0x3)
+    assert m.cpuid.has("XSAVE") and m.vcpu.get_xcrs()[0] == 0x3
+    ev = m.run(timeout=10)
+    assert isinstance(ev, Sync) and ev.value == 0x3, ev
+    assert isinstance(m.run(timeout=10), Done)

@@ -22,8 +22,10 @@ def default_guest_cpuid(kvm, xcr0=None):
     `xcr0` (default: everything leaf 0xD lists). KVM requires CPUID.1:ECX.XSAVE for CR4.OSXSAVE,
     and some hosts (PVM) list XSAVE components in leaf 0xD but not the XSAVE bit; we set it then."""
     supported = kvm.get_supported_cpuid()
-    xcr0 = supported.xcr0_supported() if xcr0 is None else xcr0
-    return supported.guest_for_xcr0(xcr0 & ~XCR0_XTILE)
+    if xcr0 is None:
+        return supported.guest_for_xcr0(supported.xcr0_supported() & ~XCR0_XTILE)
+    # an XCR0 asked for, even x87|SSE alone, is one the guest gets: it needs CPUID.1:ECX.XSAVE
+    return supported.guest_for_xcr0(xcr0 & ~XCR0_XTILE).with_xsave_enabled()
 
 
 def _check_args(args):
