@@ -106,13 +106,14 @@ def test_run_imports_only_what_booting_a_guest_needs():
     the probes and the other commands unimported (cold start); --help still lists every command."""
     code = ("import sys; from vmm.cli import main\n"
             "try:\n    main(['run'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-            "print(' '.join(sorted(m for m in sys.modules if m.startswith('vmm'))))")
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('vmm') or m in ('json', 'tempfile'))))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     loaded = set(r.stdout.splitlines()[-1].split())
     assert "vmm.guest.runner" in loaded  # the guest really ran
     for heavy in ("vmm.xsave", "vmm.regs", "vmm.probe", "vmm.amx", "vmm.compat", "vmm.state",
-                  "vmm.snapshot", "vmm.commands.cpuid", "vmm.commands.xsave", "vmm.commands.probe"):
+                  "vmm.snapshot", "vmm.commands.cpuid", "vmm.commands.xsave", "vmm.commands.probe",
+                  "json", "tempfile"):
         assert heavy not in loaded, heavy
     listed = vmm("--help").stdout
     for name in ("amx", "baseline", "caps", "compat", "cpuid", "guest-sdk", "guests", "inspect", "probe",

@@ -211,6 +211,7 @@ def output(path, binary=False):
         mode = 0o666 & ~umask
     import tempfile  # lazily: `vmm run` reads files but writes none
     try:
+        import tempfile  # not at import time: it pulls in shutil and random (cold start)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.", suffix=".tmp", dir=directory)
     except OSError as e:
         raise _os_error(path, e, "cannot write") from None

@@ -2,7 +2,6 @@
 
 import errno
 import functools
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ EXIT_STATUS_HELP = ("Exit status: 0 success (guest DONE, verdict yes); 1 guest f
 
 
 def _emit(obj):
+    import json  # on use: `vmm run` without --json never needs it (cold start)
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
 
 
@@ -208,6 +208,7 @@ def load_cpu(cpu_file):
     if not cpu_file:
         return None
     """The guest CPUID of a --cpu JSON file (vmm cpuid --json, vmm baseline), read bounded."""
+    import json
     from .. import files
     from ..cpuid import CpuidError, CpuidTable
     text = files.read_text(cpu_file, "guest CPUID JSON file", 16 << 20)
