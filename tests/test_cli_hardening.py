@@ -75,11 +75,33 @@ def test_a_symlink_output_stays_a_link_and_dash_is_stdout(paths, tmp_path):
             or "is a directory" in r.stderr
 
 
+def test_a_snapshot_to_stdout_is_whole_and_its_summary_goes_to_stderr(tmp_path):
+    out = tmp_path / "piped.snap"
+    with open(out, "wb") as f:
+        r = subprocess.run([sys.executable, "-m", "vmm.cli", "snapshot", "sync", "-o", "-"], stdout=f,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+    assert r.returncode == 0 and "-> -:" in r.stderr, r.stderr
+    assert snapshot.load(str(out)).meta["guest"]["name"] == "sync"
+    r = vmm("restore", out)
+    assert (r.returncode, r.stdout) == (0, "sync 0x22\nsync 0x33\ndone\n"), r.stderr
+
+
 # -- "--memory 99999999999999999999 is an OverflowError traceback; 100000000 says only ENOMEM" --------
 @pytest.mark.parametrize("memory", ["99999999999999999999", "100000000", "0", "-4"])
 def test_memory_is_bounded_with_a_clear_error(memory):
     err = _one_line_error(vmm("run", "--memory", memory))
     assert "--memory" in err and "is not in the range 4<=x<=16384" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("run", "--timeout", "nan"), "'nan' is not a number of seconds"),
+    (("run", "--timeout", "inf"), "is not in the range 0<x<=86400"),
+    (("snapshot", "sync", "-o", "x", "--vcpus", "33"), "is not in the range 1<=x<=32"),
+    (("reg", "get", "sync", "RIP", "--at-sync", "99999999999"), "is not in the range 1<=x<=2147483648"),
+    (("run", "--arg", "-1"), "does not fit in an unsigned 64-bit argument"),
+])
+def test_every_number_is_bounded(args, message):
+    assert message in _one_line_error(vmm(*args))
 
 
 # -- "--cpu /dev/zero grew to 5 GB; compat --host /dev/zero never ends" ----------------------------------

@@ -151,7 +151,17 @@ def run_main(group, argv=None):
 device_option = click.option("--device", default=kvm_mod.DEFAULT_DEVICE, show_default=True,
                              help="KVM device node.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-timeout_option = click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0,
+class Seconds(click.FloatRange):
+    """A bounded float of seconds; NaN (which every range comparison lets through) is refused."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if v != v:
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return v
+
+
+timeout_option = click.option("--timeout", type=Seconds(min=0, min_open=True, max=86400), default=10.0,
                               show_default=True, help="Wall-clock limit for the guest, seconds.")
 MAX_MEMORY_MIB = 16 << 10  # the runtime's page tables map at most 16 GiB (guest/runtime.py MAX_PDS)
 memory_option = click.option("--memory", "memory_mib", type=click.IntRange(4, MAX_MEMORY_MIB), default=4,

@@ -74,7 +74,7 @@ def _file_fetch(f, base):
 @click.command("diff")
 @click.argument("a")
 @click.argument("b")
-@click.option("--at-sync", "at_sync", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--at-sync", "at_sync", type=click.IntRange(1, 1 << 31), default=1, show_default=True,
               help="A side that is a running guest is compared at its N-th SYNC.")
 @click.option("--no-memory", is_flag=True, help="Compare registers only.")
 @timeout_option
