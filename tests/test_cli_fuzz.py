@@ -123,7 +123,7 @@ def check(d, p, argv, timeout):
     before_kinds = kinds(fixed)
     before_regular = p["regular"].read_bytes()
     new_existed = os.path.lexists(p["new"])
-    r = vmm(*argv, timeout=timeout)
+    r = vmm(*argv, timeout=timeout, cwd=d)  # in the temporary directory: `--copy -` makes ./-
     if os.environ.get("VMM_FUZZ_LOG"):
         with open(os.environ["VMM_FUZZ_LOG"], "a") as log:
             log.write(f"{r.returncode} {argv}\n")

@@ -171,9 +171,9 @@ class _NoProgress:
 
 
 def _progress(progress, total):
-    """`progress(total)` (a context manager whose update(n) counts bytes; the CLI passes a
+    """`progress(total)` (a context manager whose update(n) counts bytes, or None; the CLI passes a
     progress bar on a terminal) or one that does nothing."""
-    return progress(total) if progress else _NoProgress()
+    return (progress(total) if progress else None) or _NoProgress()
 
 
 def save(path, kvm, vm, vcpus, states, guest=None, extra_meta=None, progress=None):

@@ -189,17 +189,6 @@ class GuestArg(click.ParamType):
         return v
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def progress_bar(label, min_bytes=64 << 20):
     """A progress factory for long snapshot I/O (vmm.snapshot's `progress`): click's progress bar on
     stderr when stderr is a terminal and at least `min_bytes` move; None otherwise."""
@@ -208,7 +197,7 @@ def progress_bar(label, min_bytes=64 << 20):
 
     def make(total):
         if total < min_bytes:
-            return _NoBar()
+            return None
         return click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False,
                                  show_percent=True, show_eta=True)
     return make
