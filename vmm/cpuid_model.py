@@ -17,7 +17,8 @@ Kinds (what "the guest's CPUID fits a destination" means for the field):
     never silently ignored, never a refusal.
 Vendor-derived bits are resolved as KVM computes them (kvm_derived): on AMD, KVM_GET_SUPPORTED_CPUID
 has leaf 7 EDX SPEC_CTRL/STIBP/SSBD from 0x80000008 EBX AMD_IBPB+AMD_IBRS/AMD_STIBP/AMD_SSBD, and the
-AMD bits from the Intel ones on Intel (Linux arch/x86/kvm/cpuid.c, kvm_set_cpu_caps()).
+AMD bits from the Intel ones on Intel (Linux arch/x86/kvm/cpuid.c, kvm_set_cpu_caps()); VIRT_SSBD is
+emulated on AMD hosts with SSBD (arch/x86/kvm/svm/svm.c, svm_set_cpu_caps()).
 
 `compare_tables` judges a guest table against what a destination provides; `merge_tables` builds
 the table every one of several destinations provides (vmm baseline) by the same rules.
@@ -30,8 +31,9 @@ from dataclasses import dataclass
 
 from .cpuid import FEATURES, REGISTERS, CpuidTable
 
-__all__ = ["FLAGS", "FLAGS_INVERTED", "MAX", "EXACT", "SKIP", "XSAVE", "UNKNOWN", "Field", "FieldDiff",
-           "fields_of", "kvm_derived", "compare_tables", "merge_tables", "describe_bits"]
+__all__ = ["FLAGS", "FLAGS_INVERTED", "MAX", "EXACT", "SKIP", "XSAVE", "UNKNOWN", "RULES", "DERIVED", "Field",
+           "FieldDiff", "fields_of", "bit_name", "where", "describe_bits", "kvm_derived", "normalized",
+           "compare_tables", "problems_of", "warnings_of", "merge_tables"]
 
 FLAGS, FLAGS_INVERTED, MAX, EXACT = "flags", "flags (inverted)", "number (at most)", "number (equal)"
 SKIP, XSAVE, UNKNOWN = "skipped", "XSAVE layout", "unknown"
@@ -40,10 +42,10 @@ _ALL = (0, 31)
 
 @dataclass(frozen=True)
 class Field:
-    """Bits lo..hi of CPUID.(leaf, subleaf).register; subleaf None: every sub-leaf."""
+    """Bits lo..hi of CPUID.(leaf, subleaf).register (0 <= lo <= hi <= 31), of one kind."""
 
     leaf: int
-    subleaf: int | None
+    subleaf: int
     register: str
     lo: int
     hi: int
