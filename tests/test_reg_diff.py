@@ -157,3 +157,10 @@ def test_inspect_decodes_per_vcpu(tmp_path):
     text = vmm("inspect", str(path)).stdout
     assert "--- vcpu 0" in text and "--- vcpu 1" in text and "components present (XSTATE_BV)" in text
     assert "--- vcpu" not in vmm("inspect", str(path), "--summary").stdout
+
+
+def test_unknown_names_are_refused_before_the_guest_boots():
+    r = vmm("reg", "get", "spin", "RAXX")  # spin never SYNCs: a boot would time out instead
+    assert r.returncode == 2 and "did you mean RAX" in r.stderr
+    r = vmm("reg", "set", "spin", "XMM99=1")
+    assert r.returncode == 2 and "unknown register 'XMM99'" in r.stderr

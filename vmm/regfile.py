@@ -24,12 +24,13 @@ source without debug registers) raises RegFileError naming why.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
 from . import regs as regids
 from .cstructs import GPR_NAMES, SEGMENTS
-from .xsave import XsaveArea, XsaveError, XsaveLayout
+from .xsave import XFEATURE_NAMES, XsaveArea, XsaveError, XsaveLayout
 
 
 class RegFileError(ValueError):
@@ -79,6 +80,47 @@ def _set_seg_attributes(seg, v):
 def msr_name(index: int) -> str:
     """'MSR_EFER' or 'MSR 0x...' (vmm.regs names)."""
     return regids.name_of(regids.msr(index))
+
+
+def canonical(name: str) -> str:
+    """The canonical spelling of a register name (upper case, aliases resolved: DR4 -> DR6,
+    CS -> CS.SELECTOR, LDT -> LDTR, GDT.BASE -> GDTR.BASE)."""
+    if not isinstance(name, str) or not name.strip():
+        raise RegFileError("empty register name")
+    key = name.strip().upper()
+    key = DEBUG_ALIASES.get(key, key)
+    if key in SEG_NAMES.values() or key == "LDT":
+        key = ("LDTR" if key == "LDT" else key) + ".SELECTOR"
+    if key.startswith("LDT."):
+        key = "LDTR." + key[4:]
+    return {"GDT.BASE": "GDTR.BASE", "GDT.LIMIT": "GDTR.LIMIT", "IDT.BASE": "IDTR.BASE",
+            "IDT.LIMIT": "IDTR.LIMIT"}.get(key, key)
+
+
+_XSAVE_NAME = re.compile(r"FCW|FSW|FTW|FOP|FIP|FDP|MXCSR|ST[0-7]|XMM([0-9]|[12][0-9]|3[01])|YMM([0-9]|1[0-5])H?"
+                         r"|ZMM([0-9]|[12][0-9]|3[01])H?|K[0-7]|PKRU|TILECFG(\.[A-Z0-9_]+)?|TMM[0-7]"
+                         r"|BND[0-3]|BNDCFGU|BNDSTATUS|XSTATE_BV|XCOMP_BV|"
+                         + "|".join(re.escape(n.upper()) for n in XFEATURE_NAMES.values()))
+
+
+def check_name(name: str) -> str:
+    """Refuse, before any VM exists, a name no vCPU state can hold (MSR and KVM register names are
+    vmm.regs's to judge). Returns the canonical name."""
+    key = canonical(name)
+    fixed = ({n.upper() for n in GPR_NAMES} | {"RIP", "RFLAGS"} | set(CONTROL) | set(DEBUG)
+             | {f"{SEG_NAMES[g]}.{f}" for g in SEGMENTS for f in SEG_FIELDS}
+             | {f"{t}.{f}" for t in ("GDTR", "IDTR") for f in ("BASE", "LIMIT")}
+             | {f"LAPIC.{n}" for n in LAPIC_REGS} | {"MP_STATE", "TSC_KHZ", "EVENTS"})
+    if key in fixed or re.fullmatch(r"XCR\d+", key) or _XSAVE_NAME.fullmatch(key):
+        return key
+    try:
+        regids.parse_reg(name)
+    except regids.RegError:
+        import difflib
+        close = difflib.get_close_matches(key, sorted(fixed), n=3, cutoff=0.6)
+        raise RegFileError(f"unknown register {name!r}" + (f"; did you mean {', '.join(close)}?" if close
+                                                          else "")) from None
+    return key
 
 
 class RegisterFile:
@@ -144,16 +186,7 @@ class RegisterFile:
     # -- lookup -----------------------------------------------------------------------------------
     def lookup(self, name: str) -> Register:
         """The register called `name` (any case, aliases, MSR names or indices)."""
-        if not isinstance(name, str) or not name.strip():
-            raise RegFileError("empty register name")
-        key = name.strip().upper()
-        key = DEBUG_ALIASES.get(key, key)
-        if key in SEG_NAMES.values() or key == "LDT":
-            key = ("LDTR" if key == "LDT" else key) + ".SELECTOR"
-        if key.startswith("LDT."):
-            key = "LDTR." + key[4:]
-        key = {"GDT.BASE": "GDTR.BASE", "GDT.LIMIT": "GDTR.LIMIT", "IDT.BASE": "IDTR.BASE",
-               "IDT.LIMIT": "IDTR.LIMIT"}.get(key, key)
+        key = canonical(name)
         if key in self._index:
             return self._index[key]
         why = self._missing(key, name)
@@ -163,7 +196,10 @@ class RegisterFile:
         try:
             rid = regids.parse_reg(name)
         except regids.RegError as e:
-            raise RegFileError(str(e)) from None
+            import difflib
+            close = difflib.get_close_matches(key, list(self._index), n=3, cutoff=0.6)
+            raise RegFileError(f"unknown register {name!r}" + (f"; did you mean {', '.join(close)}?" if close
+                                                              else f" ({e})")) from None
         d = regids.decode(rid)
         if d.kind != "msr":
             raise RegFileError(f"{regids.name_of(rid)} is a KVM register; a saved state does not hold it "

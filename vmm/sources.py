@@ -41,7 +41,8 @@ def kind_of(spec):
     if os.path.isdir(spec):
         if is_ch_snapshot(spec):
             return "cloud-hypervisor"
-        raise SourceError(f"{spec}: a directory that is not a Cloud Hypervisor snapshot (no state.json)")
+        raise SourceError(f"{spec}: a directory that is not a Cloud Hypervisor snapshot (no regular state.json "
+                          "holding a snapshot tree)")
     if os.path.isfile(spec):
         with open(spec, "rb") as f:
             if f.read(len(SNAPSHOT_MAGIC)) == SNAPSHOT_MAGIC:

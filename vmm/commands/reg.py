@@ -7,7 +7,7 @@ import sys
 import click
 
 from .. import regs
-from ..regfile import RegFileError, format_value, json_value
+from ..regfile import RegFileError, check_name, format_value, json_value
 from .common import (_emit, exit_for_event, console_echo, device_option, handle_errors, json_option,
                      run_to_end, run_to_sync, timeout_option)
 
@@ -145,6 +145,9 @@ def reg_get(source, names, vcpu, device, at_sync, timeout, as_json):
             _echo_rows(rows)
         return
     ids = {n: _one_reg_name(n) for n in names}
+    for n in names:  # every name checked before the guest boots
+        if ids[n] is None:
+            check_name(n)
     with _boot(source, device, at_sync, timeout, as_json, vcpu) as m:
         acc = regs.RegisterAccess(m.vcpus[vcpu])
         rf = sources.from_machine(m).regfile(vcpu) if None in ids.values() else None
@@ -199,6 +202,8 @@ def reg_set(guest, assignments, vcpu, device, at_sync, timeout, as_json):
         if not sep or not name.strip() or not value.strip():
             raise RegFileError(f"expected NAME=VALUE, got {a!r}")
         rid = _one_reg_name(name)
+        if rid is None:
+            check_name(name)
         pairs.append((name.strip(), rid, regs.parse_assignment(a)[1] if rid is not None
                       else _parse_value(value.strip(), name)))
     with _boot(guest, device, at_sync, timeout, as_json, vcpu) as m:
