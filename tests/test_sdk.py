@@ -88,6 +88,41 @@ def test_c_guest_with_vector_intrinsics_matches_the_host(built):
         assert out["console"] == f"dot product 0x{value:016x}\n"
 
 
+def int8_dot_on_the_host(seed, n=1024):
+    """dot.c's AMX computation: the same vectors' low bytes as int8, dot product mod 2^32."""
+    s, total = seed or 1, 0
+    for _ in range(n):
+        s = xorshift32(s)
+        a = s
+        s = xorshift32(s)
+        total += _i8(a) * _i8(s)
+    return total & 0xFFFFFFFF
+
+
+def _i8(x):
+    x &= 0xFF
+    return x - 256 if x > 127 else x
+
+
+@pytest.mark.amx
+def test_c_guest_with_amx_tiles_matches_the_host(built, kvm):
+    """On AMX hosts: with --amx the guest also runs TDPBSSD on tiles; its check against plain C must
+    pass (else FAIL 0xa8), SYNC 2 says the AMX path ran and SYNC 3 is the int8 dot product."""
+    import conftest
+    from vmm import amx
+    if conftest.AMX_PERMISSION_ERROR is not None:
+        problems = [str(conftest.AMX_PERMISSION_ERROR)]
+    else:
+        problems = amx.host_problems(kvm.get_supported_cpuid(), amx.get_xcomp_supp())
+    if problems:
+        conftest.lacking("AMX", f"no AMX on this host: {problems[0]}")
+    r = vmm("run", str(built / "dot.elf"), "--amx", "--arg", "99", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    value, paths, int8 = (int(s, 16) for s in out["syncs"])
+    assert value == dot_on_the_host(99) and paths & 4 and int8 == int8_dot_on_the_host(99)
+
+
 def test_the_flat_binary_of_the_c_guest_runs_like_its_elf(built):
     elf = json.loads(vmm("run", str(built / "dot.elf"), "--arg", "7", "--json").stdout)
     flat = json.loads(vmm("run", str(built / "dot.bin"), "--arg", "7", "--json").stdout)

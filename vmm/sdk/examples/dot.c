@@ -2,8 +2,11 @@
  * dot: a freestanding C guest (guest SDK example). Host argument 0 seeds a xorshift32 generator
  * that fills two int32 vectors; the guest computes their dot product (mod 2^32) in plain C, with
  * AVX2 intrinsics when this vCPU's CPUID and XCR0 allow AVX2, and with AVX-512 when they allow
- * AVX-512F; each vector result must equal the scalar one (else FAIL 0xa2 / 0xa5).
- * SYNC 1 = the dot product, SYNC 2 = the paths that ran (bit 0 AVX2, bit 1 AVX-512), then DONE.
+ * AVX-512F; each vector result must equal the scalar one (else FAIL 0xa2 / 0xa5). Where the vCPU
+ * has AMX (CPUID AMX_TILE/AMX_INT8, XCR0 XTILECFG|XTILEDATA: `vmm run --amx` on an AMX host), the
+ * dot product of the vectors' low bytes as int8 is also computed with TDPBSSD and checked (FAIL 0xa8).
+ * SYNC 1 = the dot product, SYNC 2 = the paths that ran (bit 0 AVX2, bit 1 AVX-512, bit 2 AMX),
+ * SYNC 3 (when AMX ran) = the int8 dot product, then DONE.
  */
 #include <immintrin.h>
 #include "vmm.h"
@@ -54,6 +57,66 @@ __attribute__((target("avx512f"))) static uint32_t dot_avx512(void)
 	return (uint32_t)_mm512_reduce_add_epi32(acc);
 }
 
+static uint32_t dot_int8_scalar(void)
+{
+	int32_t sum = 0;
+	for (int i = 0; i < N; i++)
+		sum += (int8_t)a[i] * (int8_t)b[i];
+	return (uint32_t)sum;
+}
+
+/*
+ * int8 dot product on AMX: A = the 1024 low bytes of a as 16 rows of 64; B row k, dword n holds
+ * b's bytes 64n+4k..64n+4k+3 (TDPBSSD's VNNI layout), so C[m][n] = dot(segment m of a, segment n
+ * of b) and the diagonal of C sums to the whole dot product.
+ */
+static struct { uint8_t palette, start_row, rsvd[14]; uint16_t colsb[16]; uint8_t rows[16]; }
+	tilecfg __attribute__((aligned(64)));
+static int8_t ta[16][64], tb[16][64];
+static int32_t tc[16][16];
+
+__attribute__((target("amx-tile,amx-int8"))) static uint32_t dot_int8_amx(void)
+{
+	for (int i = 0; i < N; i++)
+		ta[i / 64][i % 64] = (int8_t)a[i];
+	for (int n = 0; n < 16; n++)
+		for (int k = 0; k < 16; k++)
+			for (int j = 0; j < 4; j++)
+				tb[k][4 * n + j] = (int8_t)b[64 * n + 4 * k + j];
+	tilecfg.palette = 1;
+	for (int t = 0; t < 3; t++) {
+		tilecfg.colsb[t] = 64;
+		tilecfg.rows[t] = 16;
+	}
+	_tile_loadconfig(&tilecfg);
+	_tile_zero(0);
+	_tile_loadd(1, ta, 64);
+	_tile_loadd(2, tb, 64);
+	_tile_dpbssd(0, 1, 2);
+	_tile_stored(0, tc, 64);
+	_tile_release();
+	int32_t sum = 0;
+	for (int m = 0; m < 16; m++)
+		sum += tc[m][m];
+	return (uint32_t)sum;
+}
+
+/* CPUID.(7,0):EDX bits AMX_TILE (24) and AMX_INT8 (25), OSXSAVE, XCR0 XTILECFG|XTILEDATA */
+static int amx_usable(void)
+{
+	uint32_t r[4];
+	vmm_cpuid(0, 0, r);
+	if (r[0] < 0x1d)
+		return 0;
+	vmm_cpuid(1, 0, r);
+	if (!(r[2] & (1u << 27)))
+		return 0;
+	if ((vmm_xgetbv(0) & 0x60000) != 0x60000)
+		return 0;
+	vmm_cpuid(7, 0, r);
+	return (r[3] >> 24 & 3) == 3;
+}
+
 /* CPUID.(7,0):EBX bit `bit`, with OSXSAVE and the XCR0 bits `xcr0` enabled */
 static int usable(int bit, uint64_t xcr0)
 {
@@ -93,10 +156,19 @@ int vmm_main(unsigned vcpu)
 			return 0xa5;
 		paths |= 2;
 	}
+	uint32_t int8 = 0;
+	if (amx_usable()) {
+		int8 = dot_int8_amx();
+		if (int8 != dot_int8_scalar())
+			return 0xa8;
+		paths |= 4;
+	}
 	vmm_puts("dot product ");
 	vmm_puthex(want);
 	vmm_putc('\n');
 	vmm_sync(want);
 	vmm_sync(paths);
+	if (paths & 4)
+		vmm_sync(int8);
 	return 0;
 }
