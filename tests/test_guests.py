@@ -139,3 +139,16 @@ def test_an_xcr0_asked_for_is_the_one_the_guest_gets(machine):
     ev = m.run(timeout=10)
     assert isinstance(ev, Sync) and ev.value == 0x3, ev
     assert isinstance(m.run(timeout=10), Done)
+
+
+def test_a_guest_its_host_must_drive_is_not_run_alone():
+    """xcr0 and msr-access wait at each SYNC for a value from their host (vmm probe drives them):
+    `vmm run` refuses them in one line naming what drives them, instead of looping to the timeout."""
+    import subprocess
+    import sys
+    for name, driver in catalog.DRIVERS.items():
+        assert catalog.load(name).driver == driver
+        r = subprocess.run([sys.executable, "-m", "vmm.cli", "run", name], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and r.stdout == "", r
+        assert r.stderr.strip().endswith(f"run it through `{driver}`") and len(r.stderr.splitlines()) == 1

@@ -46,10 +46,16 @@ def run(guest, timeout, cpl, memory_mib, cpu_file, args, amx, device, as_json):
     Prints the guest's console output, each SYNC, then one line with how it ended.
     Exit status 0 when the guest reports DONE, 3 on timeout, 1 for any other ending."""
     from .commands.common import console_echo, load_cpu, run_to_end
+    from .errors import GuestError
+    from .guest import catalog
     from .guest.machine import Machine
 
     t0 = time.monotonic()
-    with Machine(guest, cpl=int(cpl), memory=memory_mib << 20, device=device,
+    image = catalog.load(guest)
+    if image.driver:
+        raise GuestError(f"guest {image.name!r} waits at each SYNC for its host to hand it work; "
+                         f"`vmm run` has none to give: run it through `{image.driver}`")
+    with Machine(image, cpl=int(cpl), memory=memory_mib << 20, device=device,
                  on_console=console_echo(as_json), cpuid=load_cpu(cpu_file), amx=amx, args=args) as m:
         ev, syncs = run_to_end(m, timeout, as_json)
         elapsed = time.monotonic() - t0
@@ -109,10 +115,13 @@ def guests(as_json):
     rows = [(n, catalog.describe(n), catalog.REQUIREMENTS.get(n, ())) for n in catalog.names()]
     if as_json:
         _emit([{"name": n, "description": d,
-                "requires": [{"feature": r.feature, "xcr0": hex(r.xcr0)} for r in req]} for n, d, req in rows])
+                "requires": [{"feature": r.feature, "xcr0": hex(r.xcr0)} for r in req],
+                "driven_by": catalog.DRIVERS.get(n)} for n, d, req in rows])
         return
     for n, d, req in rows:
         needs = f" [needs {', '.join(str(r) for r in req)}]" if req else ""
+        if n in catalog.DRIVERS:
+            needs += f" [driven by `{catalog.DRIVERS[n]}`]"
         click.echo(f"{n:<14} {d.split('; ')[0].rstrip('.')}{needs}")
 
 

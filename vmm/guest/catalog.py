@@ -51,6 +51,14 @@ REQUIREMENTS = {
 }
 
 
+# Guests that wait at each SYNC for their host to give them work (a value in a register): only
+# the host code named here drives them; `vmm run` would answer nothing and they would loop.
+DRIVERS = {
+    "xcr0": "vmm probe --check xsetbv_unsupported_gp",
+    "msr-access": "vmm probe --check msrs_guest_access",
+}
+
+
 @dataclass
 class Image:
     """A payload: flat `code` at PAYLOAD_BASE, or ELF `segments` (elf.Segment) with its `entry`."""
@@ -91,6 +99,7 @@ class Image:
                 raise GuestError(f"guest {self.name!r}: segment 0x{s.addr:x}..0x{end:x} overlaps the vCPU user "
                                  f"stacks at 0x{stacks[0]:x}..0x{stacks[1]:x}")
     requires: tuple = ()
+    driver: str = None  # what drives a guest that waits for its host at each SYNC (DRIVERS)
 
     def missing(self, xcr0_supported):
         """The requirements that `xcr0_supported` (bit mask of XSAVE components the vCPU can be
@@ -165,4 +174,5 @@ def load(name_or_path):
     if not path.is_file():
         raise GuestError(f"guest {name_or_path!r} is not built ({path} missing): run `make guests`")
     return Image(name_or_path, path.read_bytes(), _symbols(path.with_suffix(".sym")),
-                 _description(name_or_path), requires=REQUIREMENTS.get(name_or_path, ()))
+                 _description(name_or_path), requires=REQUIREMENTS.get(name_or_path, ()),
+                 driver=DRIVERS.get(name_or_path))
