@@ -4,8 +4,8 @@ between two VMs. Pure over its inputs (memory is read through the callables give
 Per vCPU, in this order: every register class of vmm.regfile (GPRs, segments, descriptor tables,
 control registers, debug registers, XCRs, MSRs by name, LAPIC registers, MP state, events), the XSAVE
 area through vmm.xsave.XsaveArea.diff (XSTATE_BV, XCOMP_BV, then each register by its architectural
-value, so buffers of different layouts compare by register), and the CPUID table, field by field
-(CPUID.(leaf,sub-leaf).REG) with the named features that differ.
+value, so buffers of different layouts compare by register), and the CPUID table field by field in
+the field model of vmm.cpuid_model (feature flags by name, numbers by their bits and meaning).
 """
 
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ PAGE = 4096
 
 @dataclass
 class Difference:
-    cls: str      # a vmm.regfile class, or "cpuid", "cpuid-feature", "vcpu"
+    cls: str      # a vmm.regfile class, or "cpuid"
     name: str
     a: object     # int, bytes, bool, or None when only the other side has it
     b: object
@@ -56,21 +56,35 @@ def _xsave(rf_a, rf_b):
 
 
 def diff_cpuid(ta, tb):
-    """CPUID.(leaf,sub-leaf).REG for each differing register of the two tables, then the named
-    features only one has."""
+    """Each CPUID field that differs, in the field model of vmm.cpuid_model: a flag bit by its
+    feature name (or CPUID.(leaf,sub).REG[bit]) as yes/no, a number by its bits and name; a
+    register only one table has as a whole."""
+    from .cpuid_model import FLAGS, FLAGS_INVERTED, UNKNOWN, bit_name, fields_of, where
     out = []
     ea = {(e.function, e.index if e.indexed else 0): e for e in ta}
     eb = {(e.function, e.index if e.indexed else 0): e for e in tb}
-    for key in sorted(set(ea) | set(eb)):
-        x, y = ea.get(key), eb.get(key)
+    for leaf, sub in sorted(set(ea) | set(eb)):
+        x, y = ea.get((leaf, sub)), eb.get((leaf, sub))
         for reg in ("eax", "ebx", "ecx", "edx"):
             va = x.reg(reg) if x else None
             vb = y.reg(reg) if y else None
-            if va != vb:
-                out.append(Difference("cpuid", f"CPUID.(0x{key[0]:x},{key[1]}).{reg.upper()}", va, vb, 4))
-    fa, fb = ta.features(), tb.features()
-    for f in sorted(fa ^ fb):
-        out.append(Difference("cpuid-feature", f, f in fa, f in fb, 0))
+            if va == vb:
+                continue
+            if va is None or vb is None:
+                out.append(Difference("cpuid", f"CPUID.({leaf:#x},{sub}).{reg.upper()}", va, vb, 4))
+                continue
+            for f in fields_of(leaf, sub, reg):
+                if f.value(va) == f.value(vb):
+                    continue
+                if f.kind in (FLAGS, FLAGS_INVERTED, UNKNOWN):
+                    for bit in range(f.lo, f.hi + 1):
+                        a, b = va >> bit & 1, vb >> bit & 1
+                        if a != b:
+                            out.append(Difference("cpuid", bit_name(leaf, sub, reg, bit)
+                                                  or where(leaf, sub, reg, bit), bool(a), bool(b), 0))
+                else:
+                    out.append(Difference("cpuid", f"{where(leaf, sub, reg, f.lo, f.hi)} {f.name}".rstrip(),
+                                          f.value(va), f.value(vb), 4))
     return out
 
 
