@@ -18,9 +18,14 @@ Restore order, and why (each step names the constraint it satisfies):
 Save first completes pending I/O (KVM_RUN with immediate_exit), so an `in` the guest is waiting on
 is finished and RIP is past it; the saved state then needs no exit to be replayed.
 
-The fast path (vmm/fastpath.py, cdefs/fastpath.c; fast_path(), save_state_fast(),
-restore_state_fast() below) saves and restores the same state with one C call and fewer ioctls:
-regs/sregs/events travel in kvm_run (KVM_CAP_SYNC_REGS), CPUID and TSC kHz are set once per vCPU.
+save_state() and restore_state() issue their ioctls through the C code of the fast path
+(vmm/fastpath.py, cdefs/fastpath.c), one call each: save takes regs/sregs/events from the KVM_RUN
+above (KVM_CAP_SYNC_REGS) and the VcpuState decodes each piece from the saved buffers on first
+access; restore checks everything before its first ioctl, sets CPUID and TSC kHz from Python when
+they differ, and lets the C code set the rest in the order above, except that buffers saved on this
+same vCPU may carry regs/sregs/events through kvm_run where cdefs/fastpath.c finds that safe (loaded
+before restore_state returns). The fast path itself (fast_path(), save_state_fast(),
+restore_state_fast() below) keeps preallocated buffers and leaves deferred pieces for the next KVM_RUN.
 """
 
 import errno
