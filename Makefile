@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all dev guests run test test-amx bench clean
+.PHONY: all dev guests run test test-amx test-kernels bench clean
 
 all: dev guests
 
@@ -35,6 +35,11 @@ test: dev guests
 # on AMX hosts: the AMX tests must run, so a missing AMX is a failure there, not a skip
 test-amx: dev guests
 	VMM_REQUIRE_AMX=1 $(PY) -m pytest -q -m amx tests
+
+# the suite on ordinary KVM: Debian's 6.1 and 6.12 kernels booted under QEMU TCG load kvm_amd and run
+# vmm probe, every guest at CPL3 and CPL0 and pytest inside (root and apt needed; tests/kernels/harness.py)
+test-kernels: dev guests
+	$(PY) tests/kernels/harness.py $(KERNELS_ARGS)
 
 # one table measured in one run (bench/bench.py; --json for machines: make bench BENCH_ARGS=--json)
 bench: dev guests

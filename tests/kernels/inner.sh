@@ -1,0 +1,50 @@
+#!/bin/bash
+# Runs inside the test-kernels VM, chrooted into the host's root (read-only 9p + tmpfs overlay), so the
+# project's own venv and Python run against the VM kernel's /dev/kvm. $1 is the results directory (a
+# writable 9p share the host reads back); run.env there (written by tests/kernels/harness.py) says what
+# to run. Every step is bounded by `timeout`; its exit status goes to steps.tsv.
+set -u
+R=$1
+. "$R/run.env"
+cd "$PROJECT" || exit 1
+export CI=true PYTHONDONTWRITEBYTECODE=1 HOME=/tmp LANG=C.UTF-8 TMPDIR=/tmp
+export PATH="$PROJECT/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+: > "$R/steps.tsv"
+
+# step NAME SECONDS CMD...: run CMD with a time limit, output to NAME.out, status to steps.tsv
+step() {
+    local name=$1 limit=$2; shift 2
+    echo "VMM-KERNELS: step-start $name"
+    timeout -k 10 "$limit" "$@" > "$R/$name.out" 2>&1
+    local rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$limit" >> "$R/steps.tsv"
+    echo "VMM-KERNELS: step-end $name $rc"
+    sync
+}
+
+for s in $STEPS; do
+    case $s in
+    caps)
+        step caps 120 vmm caps --json ;;
+    probe)
+        step probe "$PROBE_TIMEOUT" vmm probe --json -o "$R/probe.json" ;;
+    guests)
+        mkdir -p "$R/guests"
+        for g in $(python -c 'from vmm.guest import catalog; print(*catalog.names())'); do
+            t=$GUEST_TIMEOUT
+            [ "$g" = spin ] && t=2
+            for cpl in 3 0; do
+                step "guests/$g-cpl$cpl" $((t * 3 + 60)) vmm run "$g" --cpl $cpl --timeout "$t" --json
+            done
+        done ;;
+    pytest-amx)
+        step pytest-amx "$PYTEST_TIMEOUT" python -m pytest -p no:cacheprovider -q -m amx \
+            --timeout "$TEST_TIMEOUT" --junitxml "$R/pytest-amx.xml" $PYTEST_ARGS tests ;;
+    pytest)
+        step pytest "$PYTEST_TIMEOUT" python -m pytest -p no:cacheprovider -q -m "not amx" \
+            --timeout "$TEST_TIMEOUT" --junitxml "$R/pytest.xml" $PYTEST_ARGS tests ;;
+    *)
+        echo "VMM-KERNELS: unknown step $s" ;;
+    esac
+done
+echo "VMM-KERNELS: finished"
