@@ -25,6 +25,7 @@ REQUIRED = {
     "set_cpuid2_xtiledata_without_perm", "get_xsave_sizes", "get_xsave_trims_to_guest_xcr0",
     "set_xsave_after_narrow_cpuid", "set_xsave_xcomp_bv", "set_xsave_reserved_header", "one_reg_efer",
     "reg_list", "guest_ssp", "guest_beyond_xcr0", "msr_index_list", "get_cpuid2_matches_set",
+    "guest_cpl0_payload",
 }
 
 
@@ -216,6 +217,16 @@ def test_guest_beyond_xcr0_and_the_cpuid_kvm_holds(checks, kvm):
         assert int(beyond["details"]["xstate_bv"], 16) & filled == filled
     else:
         assert beyond["observed"]["value"] == "#UD" and beyond["status"] == "as-upstream"
+
+
+@pytest.mark.kvm
+def test_cpl0_payload_runs_on_standard_kvm_and_is_an_emulation_failure_on_pvm(checks):
+    c = checks["guest_cpl0_payload"]
+    if is_pvm():
+        assert c["observed"]["value"] == "internal-error" and c["status"] == "differs"
+        assert "emulates guest CPL0 code" in c["verdict"]
+    else:
+        assert c["observed"]["value"] == "sync" and c["status"] == "as-upstream"
 
 
 @pytest.mark.kvm

@@ -300,7 +300,7 @@ AVX512_XCR0 = 0xe0  # opmask | ZMM_Hi256 | Hi16_ZMM
 def expected_guest_outcome(guest, supported_xcr0):
     """What `vmm run GUEST` must end with on ordinary KVM, at either CPL, given KVM's supported XCR0
     (the AVX-512 guests fault #UD where KVM cannot give AVX-512 state)."""
-    needs = {"avx512": AVX512_XCR0, "checkpoint": AVX512_XCR0, "xsave-readback": AVX512_XCR0}
+    needs = {"avx": 0x4, "avx512": AVX512_XCR0, "checkpoint": AVX512_XCR0, "xsave-readback": AVX512_XCR0}
     fixed = {"hello": "done", "sync": "done", "msr-report": "done", "spin": "timeout", "ud2": "fault #UD",
              "triple-fault": "shutdown", "mmio": "mmio", "amx": "fail"}  # amx without --amx: no tiles
     if guest in needs:
@@ -338,6 +338,40 @@ def junit_counts(path):
                 reason = (child.get("message") or "").strip()
                 res["skips"][reason] = res["skips"].get(reason, 0) + 1
         res[outcome] += 1
+    return res
+
+
+VERBOSE_LINE = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b(.*)$")
+
+
+def verbose_counts(path):
+    """Counts from `pytest -v` output, for a process that ended without its JUnit report (a test
+    stalled and pytest-timeout ended the process, or the step's own timeout killed it): the test
+    that was running is the last one named without an outcome."""
+    res = {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "failures": [], "skips": {}}
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    running = None
+    for ln in lines:
+        m = VERBOSE_LINE.match(ln)
+        if m:
+            name, outcome, rest = m.groups()
+            key = {"PASSED": "passed", "XFAIL": "passed", "XPASS": "passed", "FAILED": "failed",
+                   "ERROR": "error", "SKIPPED": "skipped"}[outcome]
+            res[key] += 1
+            if key in ("failed", "error"):
+                res["failures"].append((key, name, "(see the -v output)"))
+            elif key == "skipped":
+                reason = re.sub(r"\s*\[\s*\d+%\]$", "", rest).strip(" ()")
+                res["skips"][reason] = res["skips"].get(reason, 0) + 1
+            running = None
+        elif re.match(r"^tests/\S+::\S+\s*$", ln.split(" +++")[0]):
+            running = ln.split()[0]
+    if running:
+        res["failures"].append(("stalled", running, "the process ended inside this test (pytest-timeout "
+                                "or the step's time limit); the rest of the suite did not run"))
     return res
 
 
@@ -404,6 +438,8 @@ def judge(series, results, console, report):
         if proc not in steps:
             continue
         counts = junit_counts(results / f"{proc}.xml")
+        if counts is None:
+            counts = verbose_counts(results / f"{proc}.out")
         if counts is None:
             problems.append(f"{proc}: no JUnit report (exit {steps[proc]}); see {results / (proc + '.out')}")
             continue

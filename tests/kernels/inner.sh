@@ -7,9 +7,13 @@ set -u
 R=$1
 . "$R/run.env"
 cd "$PROJECT" || exit 1
-export CI=true PYTHONDONTWRITEBYTECODE=1 HOME=/tmp LANG=C.UTF-8 TMPDIR=/tmp
+export CI=true PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp LANG=C.UTF-8 TMPDIR=/tmp
 export PATH="$PROJECT/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 : > "$R/steps.tsv"
+
+# pytest-timeout's thread method: its signal method would take SIGALRM, which vmm's run loop uses.
+# A stalled test then ends the process (stacks dumped); -v output names the test.
+PYTEST="python -m pytest -p no:cacheprovider -v --timeout-method thread"
 
 # step NAME SECONDS CMD...: run CMD with a time limit, output to NAME.out, status to steps.tsv
 step() {
@@ -38,10 +42,10 @@ for s in $STEPS; do
             done
         done ;;
     pytest-amx)
-        step pytest-amx "$PYTEST_TIMEOUT" python -m pytest -p no:cacheprovider -q -m amx \
+        step pytest-amx "$PYTEST_TIMEOUT" $PYTEST -m amx \
             --timeout "$TEST_TIMEOUT" --junitxml "$R/pytest-amx.xml" $PYTEST_ARGS tests ;;
     pytest)
-        step pytest "$PYTEST_TIMEOUT" python -m pytest -p no:cacheprovider -q -m "not amx" \
+        step pytest "$PYTEST_TIMEOUT" $PYTEST -m "not amx" \
             --timeout "$TEST_TIMEOUT" --junitxml "$R/pytest.xml" $PYTEST_ARGS tests ;;
     *)
         echo "VMM-KERNELS: unknown step $s" ;;

@@ -237,6 +237,28 @@ def _c_beyond(ctx):
                            "xstate_bv": hex_text(bv), "cpuid2_xcr0": hex_text(held)})
 
 
+@check("guest_cpl0_payload", "a guest payload using every XSAVE component KVM supports, at CPL0", "xsave")
+def _c_cpl0(ctx):
+    from ..guest.machine import Machine
+    from ..guest.runner import Sync
+    # the checkpoint guest at CPL0: integer and vector code filling what the guest's XCR0 enables
+    with Machine("checkpoint", kvm=ctx.kvm, cpl=0) as m:
+        xcr0 = m.vcpu.get_xcrs().get(0, 0)
+        ev = m.run(timeout=GUEST_TIMEOUT)
+    kind = getattr(ev, "kind", "event")
+    obs = observed_ok(kind, str(ev))
+    exp = upstream("SYNC: guest CPL0 code executes natively (SVM guest mode or VMX non-root)", "sync")
+    if isinstance(ev, Sync):
+        verdict = f"the checkpoint payload ran at CPL0 to its SYNC, filling {mask_text(ev.value)}"
+    elif kind == "internal-error":
+        verdict = ("KVM_EXIT_INTERNAL_ERROR: this KVM emulates guest CPL0 code instruction by instruction and "
+                   "cannot emulate vector instructions; payloads must run at CPL3 here" + pvm_note(ctx))
+    else:
+        verdict = f"the checkpoint payload ended with '{ev}' at CPL0"
+    return result(f"the checkpoint guest at CPL0 with the default guest CPUID (XCR0 {hex_text(xcr0)})",
+                  "KVM_RUN", obs, exp, verdict, details={"guest_xcr0": hex_text(xcr0)})
+
+
 # --- XCR0 rules (xcr0_cpuid_test) --------------------------------------------------------------------
 XCR0_RULES = (  # (features, what they need, all-or-none); SDM Vol. 1, 13.3 "Enabling the XSAVE feature set"
     ("AVX (YMM) needs SSE", 1 << 2, 1 << 1, False),
