@@ -26,6 +26,23 @@ def test_supported_leaf_d_agrees_with_the_layout_and_cap_xsave2(kvm):
         assert vm.xsave2_size() == kvm_xsave_size(layout) == max(4096, d0.ecx)
 
 
+@pytest.mark.parametrize("hint", [None, 0, 1, 7, 500])
+def test_get_cpuid2_returns_exactly_the_entries_kvm_holds_whatever_the_buffer(kvm, hint):
+    """Linux 6.1 leaves kvm_cpuid2.nent as given after KVM_GET_CPUID2, so a larger buffer came back
+    padded with zeroed entries (a duplicate leaf 0 sub-leaf 0, refused by CpuidTable). The table's
+    size is found from E2BIG; every starting size gives the same entries, as many as were set."""
+    from vmm.guest.machine import default_guest_cpuid
+    from vmm.kvm import read_vcpu_cpuid2
+    given = default_guest_cpuid(kvm)
+    with kvm.create_vm() as vm:
+        v = vm.create_vcpu()
+        assert read_vcpu_cpuid2(v.fd, 3 if hint is None else hint) == []  # nothing set yet
+        v.set_cpuid2(given)
+        held = v.get_cpuid2() if hint is None else CpuidTable.from_kvm_entries(read_vcpu_cpuid2(v.fd, hint))
+    assert len(held) == len(given)
+    assert [(e.function, e.index) for e in held] == [(e.function, e.index) for e in given]
+
+
 @pytest.mark.parametrize("xcr0", [0x3, 0x7, 0xE7])
 def test_the_guest_leaf_d_kvm_holds(kvm, xcr0):
     """KVM_SET_CPUID2 with leaf 0xD limited to `xcr0`, then KVM_GET_CPUID2.

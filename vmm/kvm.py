@@ -26,8 +26,9 @@ def cap_number(name):
 
 
 def read_cpuid2(fd, name):
-    """A struct kvm_cpuid2 ioctl (KVM_GET_SUPPORTED_CPUID, KVM_GET_CPUID2) as entry tuples; E2BIG
-    means the buffer was too small: grow it and ask again."""
+    """A struct kvm_cpuid2 ioctl of the system fd (KVM_GET_SUPPORTED_CPUID, KVM_GET_EMULATED_CPUID) as
+    entry tuples; E2BIG means the buffer was too small: grow it and ask again. (A vCPU's
+    KVM_GET_CPUID2: read_vcpu_cpuid2.)"""
     n = 128
     while True:
         buf = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
@@ -39,6 +40,45 @@ def read_cpuid2(fd, name):
                 continue
             raise
         return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in buf.entries[0:buf.nent]]
+
+
+def read_vcpu_cpuid2(fd, hint=0):
+    """KVM_GET_CPUID2 on a vCPU fd: exactly the entries KVM holds, as entry tuples.
+
+    Kernels before the upstream commit "KVM: x86: Always write vCPU's current CPUID nent to userspace"
+    (Linux 6.1 among them; 6.12 has it) leave kvm_cpuid2.nent as the caller gave it on success and do
+    not report it on E2BIG, so a larger buffer comes back padded with zeroed entries (leaf 0 sub-leaf 0,
+    again and again). KVM answers E2BIG exactly when the buffer is smaller than its table, so the
+    table's size is the smallest buffer KVM accepts. `hint` (the number of entries vmm set) makes that
+    two ioctls; without it, or when it is wrong, a binary search finds it."""
+    def get(n):
+        buf = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": max(n, 1)})
+        try:
+            ioctl(fd, "KVM_GET_CPUID2", buf)
+        except KvmError as e:
+            if e.errno == errno.E2BIG and n < 4096:
+                return None
+            raise
+        return buf
+
+    hi = max(hint, 1)
+    buf = get(hi)
+    while buf is None:
+        hi *= 2
+        buf = get(hi)
+    if buf.nent < hi:  # the kernel wrote the count back
+        n = buf.nent
+    else:  # the smallest size KVM accepts, in [0, hi]: usually hi itself (the hint was right)
+        lo = hi if hi > 1 and get(hi - 1) is None else 0
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if get(mid) is None:
+                lo = mid + 1
+            else:
+                hi = mid
+        n = hi
+        buf = get(n)
+    return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in buf.entries[0:n]]
 
 
 ARCH_GET_XCOMP_GUEST_PERM = 0x1024

@@ -201,8 +201,8 @@ class Vcpu:
     def get_cpuid2(self):
         """KVM_GET_CPUID2: the CPUID KVM holds for this vCPU (on some hosts not what was set)."""
         from .cpuid import CpuidTable
-        from .kvm import read_cpuid2
-        return CpuidTable.from_kvm_entries(read_cpuid2(self.fd, "KVM_GET_CPUID2"))
+        from .kvm import read_vcpu_cpuid2
+        return CpuidTable.from_kvm_entries(read_vcpu_cpuid2(self.fd, len(self.cpuid) if self.cpuid else 0))
 
     # --- XSAVE --------------------------------------------------------------------------------
     def xsave_size(self):

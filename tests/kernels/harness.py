@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -509,7 +510,8 @@ def run_kernel(series, args, busybox):
     (results / "run.env").write_text(
         f"PROJECT='{ROOT}'\nSTEPS='{' '.join(args.steps)}'\nPYTEST_ARGS='{args.pytest_args}'\n"
         f"PYTEST_TIMEOUT={args.pytest_timeout}\nTEST_TIMEOUT={args.test_timeout}\n"
-        f"PROBE_TIMEOUT={args.probe_timeout}\nGUEST_TIMEOUT={args.guest_timeout}\n")
+        f"PROBE_TIMEOUT={args.probe_timeout}\nGUEST_TIMEOUT={args.guest_timeout}\n"
+        f"CMD={shlex.quote(args.cmd)}\n")
     cmd = qemu_command(kernel, initrd, results, args.memory)
     log(f"Linux {kernel.release} ({kernel.package} {kernel.version}) under QEMU TCG; "
         f"console log {results / 'console.log'}")
@@ -538,6 +540,7 @@ def main(argv=None):
     ap.add_argument("--kernel", action="append", choices=sorted(SERIES), help="series (default: all)")
     ap.add_argument("--steps", default="caps probe guests pytest-amx pytest",
                     help="what to run inside, in order (default: %(default)s)")
+    ap.add_argument("--cmd", default="", help="the command of the `cmd` step (by hand: --steps cmd)")
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. a -k or -m subset")
     ap.add_argument("--pytest-timeout", type=int, default=1500, help="seconds for each pytest process")
     ap.add_argument("--test-timeout", type=int, default=300, help="seconds for each test (pytest-timeout)")

@@ -47,6 +47,8 @@ for s in $STEPS; do
     pytest)
         step pytest "$PYTEST_TIMEOUT" $PYTEST -m "not amx" \
             --timeout "$TEST_TIMEOUT" --junitxml "$R/pytest.xml" $PYTEST_ARGS tests ;;
+    cmd)  # --cmd: one shell command, for looking into a kernel by hand
+        step cmd "$PYTEST_TIMEOUT" bash -c "$CMD" ;;
     *)
         echo "VMM-KERNELS: unknown step $s" ;;
     esac
