@@ -19,7 +19,7 @@ PYTEST="python -m pytest -p no:cacheprovider -v --timeout-method thread"
 step() {
     local name=$1 limit=$2; shift 2
     echo "VMM-KERNELS: step-start $name"
-    timeout -k 10 "$limit" "$@" > "$R/$name.out" 2>&1
+    timeout -k 10 "$limit" "$@" > "$R/$name.out" 2> "$R/$name.err"
     local rc=$?
     printf '%s\t%s\t%s\n' "$name" "$rc" "$limit" >> "$R/steps.tsv"
     echo "VMM-KERNELS: step-end $name $rc"
@@ -34,7 +34,9 @@ for s in $STEPS; do
         step probe "$PROBE_TIMEOUT" vmm probe --json -o "$R/probe.json" ;;
     guests)
         mkdir -p "$R/guests"
-        for g in $(python -c 'from vmm.guest import catalog; print(*catalog.names())'); do
+        vmm guests --json > "$R/guests.json"
+        for g in $(python -c 'import json, sys; print(*[g["name"] for g in json.load(sys.stdin)])' \
+                   < "$R/guests.json"); do
             t=$GUEST_TIMEOUT
             [ "$g" = spin ] && t=2
             for cpl in 3 0; do
