@@ -295,20 +295,19 @@ def qemu_command(kernel, initrd, results, memory_mib):
 
 # ---- judging the results ---------------------------------------------------------------------------
 
-# guests that loop until the host acts (the probe drives them) or never end: `vmm run` stops them at --timeout
-RUN_UNTIL_TIMEOUT = {"spin", "msr-access", "xcr0"}
-FIXED_OUTCOMES = {"ud2": "fault #UD", "triple-fault": "shutdown", "mmio": "mmio"}
+FIXED_OUTCOMES = {"spin": "timeout", "ud2": "fault #UD", "triple-fault": "shutdown", "mmio": "mmio"}
 
 
-def expected_guest_outcome(guest, requires, supported_xcr0):
-    """What `vmm run GUEST` must end with on ordinary KVM, at either CPL: `refused` when the guest needs
-    XSAVE components KVM does not support here (its catalog requirements, `vmm guests --json`)."""
-    for req in requires:
+def expected_guest_outcome(guest, entry, supported_xcr0):
+    """What `vmm run GUEST` must end with on ordinary KVM, at either CPL, from its catalog entry
+    (`vmm guests --json`): `refused` when the guest needs XSAVE components KVM does not support here,
+    or when only its driver (a probe check) can run it."""
+    if entry.get("driven_by"):
+        return "refused"
+    for req in entry.get("requires", ()):
         need = int(req.get("xcr0", "0"), 0)
         if need & supported_xcr0 != need:
             return "refused"
-    if guest in RUN_UNTIL_TIMEOUT:
-        return "timeout"
     return FIXED_OUTCOMES.get(guest, "done")
 
 
@@ -427,7 +426,7 @@ def judge(series, results, console, report):
     if any(s.startswith("guests/") for s in steps):
         xcr0 = int(caps.get("supported_xcr0", "0"), 0)
         try:
-            catalog = {g["name"]: g.get("requires", []) for g in json.loads((results / "guests.json").read_text())}
+            catalog = {g["name"]: g for g in json.loads((results / "guests.json").read_text())}
         except (OSError, ValueError):
             catalog = {}
             problems.append("vmm guests --json gave no catalog")
@@ -435,7 +434,7 @@ def judge(series, results, console, report):
         for name in sorted(s for s in steps if s.startswith("guests/")):
             guest, cpl = name[len("guests/"):].rsplit("-cpl", 1)
             got, text = guest_outcome(results / f"{name}.out")
-            want = expected_guest_outcome(guest, catalog.get(guest, []), xcr0)
+            want = expected_guest_outcome(guest, catalog.get(guest, {}), xcr0)
             guests[f"{guest} cpl{cpl}"] = (got, want, text)
             if got is None:
                 out = (results / f"{name}.out").read_text(errors="replace").strip().splitlines()
