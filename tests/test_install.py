@@ -29,7 +29,9 @@ def test_the_wheel_carries_the_guests_and_every_package(wheel):
     names = set(zipfile.ZipFile(whl).namelist())
     for needed in ("vmm/guest/builtin/hello.bin", "vmm/guest/builtin/runtime.bin", "vmm/guest/builtin/hello.S",
                    "vmm/guest/builtin/amx.sym", "vmm/probe/__init__.py", "vmm/schema/probe-report.schema.json",
-                   "vmm/sdk/vmm.h", "vmm/sdk/vmm.inc", "vmm/cli.py"):
+                   "vmm/sdk/vmm.h", "vmm/sdk/vmm.inc", "vmm/sdk/crt0.S", "vmm/sdk/guest.ld", "vmm/sdk/vmm.mk",
+                   "vmm/sdk/examples/dot.c", "vmm/sdk/examples/hello-asm.S", "vmm/sdk/examples/Makefile",
+                   "vmm/cli.py"):
         assert needed in names, needed
     assert any(n.startswith("vmm/_kvm") and n.endswith(".so") for n in names)
 
@@ -61,3 +63,16 @@ def test_a_fresh_venv_pip_install_runs_hello_from_another_directory(tmp_path):
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import vmm.guest.catalog as c; print(c.SOURCE_DIR)"],
                            capture_output=True, text=True, cwd=elsewhere, env=env, check=True).stdout.strip()
     assert where.startswith(str(venv)) and where.endswith("vmm/guest/builtin"), where  # the installed guests
+    # the guest SDK of the installation builds a guest elsewhere, through its own Makefile snippet
+    sdk = subprocess.run([vmm, "guest-sdk", "--path"], capture_output=True, text=True, cwd=elsewhere, env=env,
+                         check=True).stdout.strip()
+    assert sdk.startswith(str(venv)), sdk
+    (elsewhere / "hello-asm.S").write_text((Path(sdk) / "examples" / "hello-asm.S").read_text())
+    (elsewhere / "Makefile").write_text("VMM_SDK := $(shell vmm guest-sdk --path)\ninclude $(VMM_SDK)/vmm.mk\n"
+                                        "all: hello-asm.elf\n")
+    env_path = dict(env, PATH=f"{venv / 'bin'}:{env.get('PATH', '')}")
+    r = subprocess.run(["make", "-s"], capture_output=True, text=True, cwd=elsewhere, env=env_path, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([vmm, "run", "./hello-asm.elf", "--arg", "1"], capture_output=True, text=True,
+                       cwd=elsewhere, env=env, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "hello from an SDK assembly guest\nsync 0x2\ndone\n"), r.stderr
