@@ -58,9 +58,11 @@ def classify(e):
         return EXIT_HOST, "kvm", e.errno_name
     if getattr(e, "kind", None) == "host":  # an error class that names a limit of the host
         return EXIT_HOST, "host", None
-    if isinstance(e, GuestEnded):
-        code = exit_for_event(e.event)
-        return code, "timeout" if code == EXIT_TIMEOUT else "guest", None
+    if isinstance(e, GuestEnded):  # the command could not do its job: never 0, even for a DONE ending
+        from ..guest.runner import Timeout
+        if isinstance(e.event, Timeout):
+            return EXIT_TIMEOUT, "timeout", None
+        return EXIT_GUEST, "guest", None
     err = getattr(e, "errno", None)
     name = errno_name(err) if isinstance(err, int) else None
     if isinstance(e, MemoryError):
