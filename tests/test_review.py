@@ -32,3 +32,16 @@ def test_a_guest_ending_done_before_the_sync_a_command_needs_is_a_guest_failure(
     assert not (tmp_path / "x.snap").exists()
     d = json.loads(vmm(*args, "--json").stdout)
     assert d["exit_status"] == 1 and d["kind"] == "guest"
+
+
+# -- JSON nested deeper than the parser follows: one line, exit 2 (vmm.files.parse_json) ---------------------
+@pytest.mark.parametrize("args", [
+    ("cpuid", "--file", "{f}"), ("xsave", "--layout", "--file", "{f}"), ("compat", "{f}"),
+    ("compat", "here", "--host", "{f}"), ("baseline", "{f}", "-o", "{tmp}/b.json"), ("amx", "--file", "{f}"),
+    ("run", "hello", "--cpu", "{f}"),
+])
+def test_deeply_nested_json_is_an_input_error(tmp_path, args):
+    f = tmp_path / "deep.json"
+    f.write_text("[" * 100000 + "]" * 100000)
+    err = _one_line_error(vmm(*[a.format(f=f, tmp=tmp_path) for a in args]))
+    assert "nested too deeply" in err and not (tmp_path / "b.json").exists()

@@ -129,7 +129,7 @@ def _memory(node, path, f):
 
 def _json(raw, where):
     try:
-        return json.loads(raw)
+        return files.parse_json(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ChSnapshotError(f"{where}: not valid JSON: {e}") from None
 

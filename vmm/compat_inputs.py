@@ -50,7 +50,7 @@ def read_input(spec):
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
         try:
-            data = json.loads(text)
+            data = files.parse_json(text)
         except ValueError as e:
             what = "truncated" if not text.rstrip().endswith(("}", "]")) else "not valid JSON"
             raise CompatError(f"{spec}: {what}: {e}") from None

@@ -164,7 +164,7 @@ def _parse_cpuid_r(lines, source):
 
 def _parse_json(text, source):
     try:
-        data = json.loads(text)
+        data = files.parse_json(text)
     except ValueError as e:
         what = "truncated JSON" if not text.rstrip().endswith(("}", "]")) else "not valid JSON"
         raise CpuidError(f"{source}:{e.lineno}: {what}: {e.msg} ({_accepted()})") from None

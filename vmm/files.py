@@ -127,6 +127,17 @@ def decode_text(data, where, what="file"):
                         f"is not UTF-8; expected a {what})") from None
 
 
+def parse_json(text):
+    """`text` (str or UTF-8 bytes) parsed as JSON. Every JSON input of vmm is parsed here. Raises
+    json.JSONDecodeError (a ValueError) for bad syntax and also for nesting deeper than the parser
+    can follow, which json.loads reports as RecursionError."""
+    import json
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("arrays or objects nested too deeply", "", 0) from None
+
+
 def read_text(path, what="file", limit=TEXT_LIMIT):
     """The content of `path` as UTF-8 text, bounded like `read_bytes`. Raises FileError."""
     return decode_text(read_bytes(path, what, limit), "standard input" if path == "-" else path, what)

@@ -347,7 +347,8 @@ def _json_section(f, sec, path):
     if zlib.crc32(data) != sec.crc:
         raise SnapshotError(f"{path}: section {sec.tag!r} checksum mismatch: the file is corrupt")
     try:
-        return json.loads(data)
+        from . import files
+        return files.parse_json(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise SnapshotError(f"{path}: section {sec.tag!r} is not valid JSON: {e}") from None
 

@@ -214,8 +214,8 @@ def load_cpu(cpu_file):
     from ..cpuid import CpuidError, CpuidTable
     text = files.read_text(cpu_file, "guest CPUID JSON file", 16 << 20)
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
+        data = files.parse_json(text)
+    except ValueError as e:
         raise VmmError(f"{cpu_file}: not a CPUID JSON file ({e})") from None
     if isinstance(data, dict) and "cpuid" in data and "entries" not in data:
         data = data["cpuid"]  # a baseline or probe file carries the table under "cpuid"

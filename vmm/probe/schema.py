@@ -71,7 +71,7 @@ def load_report(path):
     except files.FileError as e:
         raise ReportError(str(e)) from None
     try:
-        data = json.loads(text)
+        data = files.parse_json(text)
     except ValueError as e:
         what = "truncated" if text.strip() and not text.rstrip().endswith(("}", "]")) else "not valid JSON"
         raise ReportError(f"{path}: {what}: {e}") from None
