@@ -45,3 +45,92 @@ def test_deeply_nested_json_is_an_input_error(tmp_path, args):
     f.write_text("[" * 100000 + "]" * 100000)
     err = _one_line_error(vmm(*[a.format(f=f, tmp=tmp_path) for a in args]))
     assert "nested too deeply" in err and not (tmp_path / "b.json").exists()
+
+
+# -- malformed vCPU state in a snapshot whose checksums are valid: refused at load, naming the field -------
+class _AsSaved:
+    """A state whose JSON is `d` (snapshot.save writes what to_json returns, checksummed)."""
+
+    def __init__(self, d):
+        self.d = d
+
+    def to_json(self):
+        return self.d
+
+
+@pytest.fixture(scope="module")
+def sync_state(tmp_path_factory):
+    """The sync guest's vCPU state at its first SYNC as JSON, and a writer of snapshots with it edited."""
+    from conftest import _require_kvm
+    from vmm import snapshot, state
+    from vmm.guest.machine import Machine
+    from vmm.kvm import Kvm
+    _require_kvm()
+    d = tmp_path_factory.mktemp("state")
+    k = Kvm()
+    m = Machine("sync", kvm=k)
+    assert m.run(timeout=10).kind == "sync"
+    saved = state.save_state(m.vcpus[0]).to_json()
+
+    def write(edit, name="bad.snap"):
+        j = json.loads(json.dumps(saved))
+        edit(j)
+        path = d / name
+        snapshot.save(str(path), k, m.vm, m.vcpus, [_AsSaved(j)], guest={"name": "sync"})
+        return path
+    yield saved, write
+    m.close()
+    k.close()
+
+
+def _set(*keys_value):
+    *keys, value = keys_value
+
+    def edit(j):
+        for k in keys[:-1]:
+            j = j[k]
+        j[keys[-1]] = value(j[keys[-1]]) if callable(value) else value
+    return edit
+
+
+BAD_STATES = [
+    ("xsave 50 bytes", _set("xsave", "00" * 50), "xsave: 50 bytes"),
+    ("xsave with state beyond its area", _set("xsave", lambda x: x + "01" * 1000), "xsave: 5096 bytes with state"),
+    ("lapic 1 byte", _set("lapic", "00"), "lapic: 1 bytes"),
+    ("events short", _set("events", "00" * 8), "events: 8 bytes"),
+    ("rip beyond 64 bits", _set("regs", "rip", "0x1ffffffffffffffff"), "regs.rip: 0x1ffffffffffffffff does not fit"),
+    ("rip not hex", _set("regs", "rip", "abc"), "regs.rip: 'abc' is not a hex number"),
+    ("a register missing", lambda j: j["regs"].pop("rax"), "regs: fields differ"),
+    ("segment selector beyond 16 bits", _set("sregs", "cs", "selector", "0x10000"), "sregs.cs.selector"),
+    ("XCR0 0", _set("xcrs", "0x0", "0x0"), "XCR0 0x0 is not a valid XCR0"),
+    ("mp_state 99", _set("mp_state", 99), "mp_state: 99"),
+    ("CR0 0 in long mode", _set("sregs", "cr0", "0x0"), "sregs.cr0"),
+    ("tsc_khz 0", _set("tsc_khz", 0), "tsc_khz: 0"),
+    ("msr value beyond 64 bits", _set("msrs", lambda m: {**m, "0x10": "0x" + "f" * 17}), "msrs[0x10]"),
+]
+
+
+@pytest.mark.parametrize("edit, message", [b[1:] for b in BAD_STATES], ids=[b[0] for b in BAD_STATES])
+def test_malformed_vcpu_state_is_refused_at_load_naming_the_field(sync_state, edit, message):
+    from vmm import snapshot
+    _, write = sync_state
+    path = write(edit)
+    with pytest.raises(snapshot.SnapshotError) as e:
+        snapshot.load(str(path))
+    assert message in str(e.value) and f"{path}: vCPU 0: malformed vCPU state" in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["xsave 50 bytes", "lapic 1 byte", "rip beyond 64 bits", "XCR0 0"])
+def test_every_command_refuses_a_malformed_state_before_any_vm(sync_state, case):
+    _, write = sync_state
+    edit, message = next(b[1:] for b in BAD_STATES if b[0] == case)
+    path = write(edit)
+    for args in (("compat", path), ("inspect", path), ("diff", path, "sync"), ("restore", path)):
+        err = _one_line_error(vmm(*args))
+        assert message in err, (args, err)
+
+
+def test_the_unedited_state_still_loads_and_restores(sync_state):
+    path = sync_state[1](lambda j: None, "good.snap")
+    r = vmm("restore", path)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("done"), r.stdout + r.stderr

@@ -134,23 +134,155 @@ class VcpuState:
 
     @classmethod
     def from_json(cls, d):
+        """The state `to_json` wrote, every field checked for shape and range before anything uses
+        it (see _Check): StateError naming the first bad field ("regs.rip: ..."), never a value
+        cut, wrapped or guessed."""
+        c = _Check()
         try:
-            return cls(
-                cpuid=CpuidTable.from_json(d["cpuid"]),
-                mp_state=int(d["mp_state"]),
-                regs=Regs(**{k: int(v, 16) for k, v in d["regs"].items()}),
-                sregs=_sregs_from_json(d["sregs"]),
-                xsave=bytes.fromhex(d["xsave"]),
-                xcrs={int(k, 16): int(v, 16) for k, v in d["xcrs"].items()},
-                msrs={int(k, 16): int(v, 16) for k, v in d["msrs"].items()},
-                events=bytes.fromhex(d["events"]),
-                debugregs=bytes.fromhex(d["debugregs"]),
-                lapic=bytes.fromhex(d["lapic"]) if d.get("lapic") is not None else None,
-                tsc_khz=int(d.get("tsc_khz", 0)),
-                cpuid_kvm=CpuidTable.from_json(d["cpuid_kvm"]) if d.get("cpuid_kvm") else None,
+            if not isinstance(d, dict):
+                raise StateError("not a JSON object")
+            cpuid = c.table(d, "cpuid")
+            xcrs = c.u_map(d, "xcrs", 32, 64)
+            state = cls(
+                cpuid=cpuid,
+                mp_state=c.mp_state(d),
+                regs=Regs(**c.struct(d, "regs", "struct kvm_regs")),
+                sregs=_sregs_from_json(c, d),
+                xsave=c.xsave(d, cpuid),
+                xcrs=c.xcrs(xcrs, cpuid),
+                msrs=c.u_map(d, "msrs", 32, 64),
+                events=c.blob(d, "events", "struct kvm_vcpu_events"),
+                debugregs=c.blob(d, "debugregs", "struct kvm_debugregs"),
+                lapic=c.blob(d, "lapic", "struct kvm_lapic_state") if d.get("lapic") is not None else None,
+                tsc_khz=c.tsc_khz(d),
+                cpuid_kvm=c.table(d, "cpuid_kvm") if d.get("cpuid_kvm") else None,
             )
+        except StateError as e:
+            raise StateError(f"malformed vCPU state: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StateError(f"malformed vCPU state: {type(e).__name__}: {e}") from None
+        return state
+
+
+# KVM_MP_STATE_* values x86 KVM takes (include/uapi/linux/kvm.h; 5-8 are s390's)
+MP_STATES = {0: "RUNNABLE", 1: "UNINITIALIZED", 2: "INIT_RECEIVED", 3: "HALTED", 4: "SIPI_RECEIVED",
+             9: "AP_RESET_HOLD", 10: "SUSPENDED"}
+X86_CR0_PE, X86_CR0_NW, X86_CR0_CD, X86_CR0_PG = 1, 1 << 29, 1 << 30, 1 << 31
+X86_CR4_PAE = 1 << 5
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+
+
+class _Check:
+    """Shape and range checks of a saved vCPU state's JSON: each value the hex string to_json
+    writes ("0x..."), no wider than its uAPI field (widths and byte sizes from the structs of
+    <linux/kvm.h> through cffi), mp_state a KVM_MP_STATE_* x86 takes, XCR0 by the architectural
+    rules (vmm.xsave_layout.xcr0_violations) and within the guest CPUID, sregs as KVM's
+    kvm_is_valid_sregs (arch/x86/kvm/x86.c) takes them, the XSAVE image at least struct kvm_xsave
+    with nothing beyond the area the guest CPUID's components occupy."""
+
+    @staticmethod
+    def u(v, bits, name):
+        if not isinstance(v, str) or not v.startswith("0x") or not v[2:] \
+                or v[2:].strip("0123456789abcdefABCDEF"):
+            raise StateError(f"{name}: {v!r} is not a hex number (0x...)")
+        n = int(v, 16)
+        if n >> bits:
+            raise StateError(f"{name}: {v} does not fit in {bits} bits")
+        return n
+
+    @staticmethod
+    def get(d, key, name, kind):
+        if key not in d:
+            raise StateError(f"{name}: missing")
+        v = d[key]
+        if not isinstance(v, kind):
+            raise StateError(f"{name}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                             f"not {type(v).__name__}")
+        return v
+
+    def struct(self, d, key, ctype, name=None):
+        """{field: int} of a JSON object with exactly the fields of `ctype`, each within its width."""
+        name = name or key
+        obj = self.get(d, key, name, dict)
+        want = dict(ffi.typeof(ctype).fields)
+        want = {k: f for k, f in want.items() if not k.startswith("pad")}
+        if set(obj) != set(want):
+            diff = sorted(set(obj) ^ set(want))
+            raise StateError(f"{name}: fields differ from {ctype}: {', '.join(diff)}")
+        return {k: self.u(v, 8 * ffi.sizeof(want[k].type), f"{name}.{k}") for k, v in obj.items()}
+
+    def u_map(self, d, key, kbits, vbits):
+        obj = self.get(d, key, key, dict)
+        return {self.u(k, kbits, f"{key} index {k}"): self.u(v, vbits, f"{key}[{k}]") for k, v in obj.items()}
+
+    def blob(self, d, key, ctype):
+        v = self.get(d, key, key, str)
+        try:
+            b = bytes.fromhex(v)
+        except ValueError:
+            raise StateError(f"{key}: not hex bytes") from None
+        if len(b) != ffi.sizeof(ctype):
+            raise StateError(f"{key}: {len(b)} bytes, {ctype} is {ffi.sizeof(ctype)}")
+        return b
+
+    def table(self, d, key):
+        from .cpuid import CpuidError
+        try:
+            return CpuidTable.from_json(d[key])
+        except KeyError:
+            raise StateError(f"{key}: missing") from None
+        except (CpuidError, TypeError, ValueError, AttributeError) as e:
+            raise StateError(f"{key}: {e}") from None
+
+    def mp_state(self, d):
+        v = d.get("mp_state")
+        if type(v) is not int or v not in MP_STATES:
+            raise StateError(f"mp_state: {v!r} is not a KVM_MP_STATE x86 takes "
+                             f"({', '.join(f'{k} {n}' for k, n in MP_STATES.items())})")
+        return v
+
+    def tsc_khz(self, d):
+        if "tsc_khz" not in d:
+            return 0  # not recorded: restore keeps the rate the new vCPU has
+        v = d["tsc_khz"]
+        if type(v) is not int or not 0 < v < 1 << 32:
+            raise StateError(f"tsc_khz: {v!r} is not a TSC rate in kHz (1 to 2^32-1, KVM_SET_TSC_KHZ)")
+        return v
+
+    def xcrs(self, xcrs, cpuid):
+        from .xsave_layout import mask_names, xcr0_violations
+        for k in xcrs:
+            if k != 0:
+                raise StateError(f"xcrs: XCR{k} does not exist (XCR0 is the only one, SDM vol. 1 13.3)")
+        if 0 in xcrs:
+            x = xcrs[0]
+            bad = xcr0_violations(x)
+            if bad:
+                raise StateError(f"xcrs XCR0 {x:#x} is not a valid XCR0: " + "; ".join(bad))
+            sup = cpuid.xcr0_supported()
+            if sup and x & ~sup:
+                raise StateError(f"xcrs XCR0 {x:#x} has {mask_names(x & ~sup)}, which the state's guest "
+                                 f"CPUID does not give (0xD: {sup:#x})")
+        return xcrs
+
+    def xsave(self, d, cpuid):
+        from .xsave_layout import KVM_XSAVE_SIZE, XsaveError, XsaveLayout, kvm_xsave_size
+        v = self.get(d, "xsave", "xsave", str)
+        try:
+            b = bytes.fromhex(v)
+        except ValueError:
+            raise StateError("xsave: not hex bytes") from None
+        if len(b) < KVM_XSAVE_SIZE:
+            raise StateError(f"xsave: {len(b)} bytes, struct kvm_xsave is at least {KVM_XSAVE_SIZE}")
+        try:
+            size = kvm_xsave_size(XsaveLayout.from_cpuid(cpuid))
+        except XsaveError:
+            size = KVM_XSAVE_SIZE  # no layout known: the legacy area is all that can hold state
+        if len(b) > size and any(b[size:]):
+            first = size + next(i for i, x in enumerate(b[size:]) if x)
+            raise StateError(f"xsave: {len(b)} bytes with state at byte {first}, beyond the {size} bytes "
+                             "the guest CPUID's XSAVE components occupy (leaf 0xD)")
+        return b
 
 
 def _xcrs_of(raw):
@@ -187,15 +319,37 @@ def _sregs_to_json(s):
     return d
 
 
-def _sregs_from_json(d):
+def _sregs_from_json(c, d):
+    name = "sregs"
+    j = c.get(d, name, name, dict)
     s = Sregs()
-    for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
-        setattr(s, name, Segment(**{k: int(v, 16) for k, v in d[name].items()}))
-    for name in ("gdt", "idt"):
-        setattr(s, name, DTable(**{k: int(v, 16) for k, v in d[name].items()}))
-    for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
-        setattr(s, name, int(d[name], 16))
-    s.interrupt_bitmap = [int(v, 16) for v in d["interrupt_bitmap"]]
+    for seg in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+        setattr(s, seg, Segment(**c.struct(j, seg, "struct kvm_segment", f"{name}.{seg}")))
+    for t in ("gdt", "idt"):
+        setattr(s, t, DTable(**c.struct(j, t, "struct kvm_dtable", f"{name}.{t}")))
+    for r in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+        setattr(s, r, c.u(j.get(r), 64, f"{name}.{r}"))
+    bitmap = c.get(j, "interrupt_bitmap", f"{name}.interrupt_bitmap", list)
+    n = len(ffi.new("struct kvm_sregs *").interrupt_bitmap)
+    if len(bitmap) != n:
+        raise StateError(f"{name}.interrupt_bitmap: {len(bitmap)} words, struct kvm_sregs has {n}")
+    s.interrupt_bitmap = [c.u(v, 64, f"{name}.interrupt_bitmap[{i}]") for i, v in enumerate(bitmap)]
+    # what KVM_SET_SREGS refuses with EINVAL (arch/x86/kvm/x86.c kvm_is_valid_sregs, kvm_is_valid_cr0)
+    cr0, efer = s.cr0, s.efer
+    if cr0 >> 32:
+        raise StateError(f"{name}.cr0: {cr0:#x} sets reserved bits 63:32")
+    if cr0 & X86_CR0_PG and not cr0 & X86_CR0_PE:
+        raise StateError(f"{name}.cr0: {cr0:#x} has PG without PE")
+    if cr0 & X86_CR0_NW and not cr0 & X86_CR0_CD:
+        raise StateError(f"{name}.cr0: {cr0:#x} has NW without CD")
+    if efer & EFER_LME and cr0 & X86_CR0_PG:
+        if not s.cr4 & X86_CR4_PAE:
+            raise StateError(f"{name}.cr4: {s.cr4:#x} lacks PAE, which long mode (EFER.LME, CR0.PG) needs")
+        if not efer & EFER_LMA:
+            raise StateError(f"{name}.efer: {efer:#x} has LME with CR0.PG but not LMA")
+    elif efer & EFER_LMA or s.cs.l:
+        raise StateError(f"{name}.cr0: {cr0:#x} with EFER {efer:#x} and CS.L {s.cs.l}: long mode "
+                         "(EFER.LMA, CS.L) needs EFER.LME and CR0.PG")
     return s
 
 
