@@ -134,3 +134,39 @@ def test_the_unedited_state_still_loads_and_restores(sync_state):
     path = sync_state[1](lambda j: None, "good.snap")
     r = vmm("restore", path)
     assert r.returncode == 0 and r.stdout.rstrip().endswith("done"), r.stdout + r.stderr
+
+
+# -- vmm run --cpu FILE: the compat judge against this host before any VM ----------------------------------
+DATA = __import__("os").path.join(__import__("os").path.dirname(__file__), "data")
+
+
+@pytest.fixture(scope="module")
+def cpu_files(tmp_path_factory):
+    """A Milan baseline, an Intel Sapphire Rapids guest CPUID and this host's own baseline (vmm JSON)."""
+    d = tmp_path_factory.mktemp("cpu")
+    out = {}
+    for name, args in (("milan", ("baseline", f"{DATA}/amd-milan-cpuid-r.txt")),
+                       ("spr", ("baseline", f"{DATA}/intel-sapphire-rapids-w7-2475x.txt")),
+                       ("here", ("baseline", "here"))):
+        out[name] = d / f"{name}.json"
+        r = vmm(*args, "-o", out[name])
+        assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("name", ["milan", "spr", "here"])
+def test_run_cpu_is_judged_like_compat_host_here_before_any_vm(cpu_files, name):
+    f = cpu_files[name]
+    verdict = json.loads(vmm("compat", f, "--host", "here", "--json").stdout)
+    r = vmm("run", "hello", "--cpu", f)
+    if verdict["compatible"]:
+        assert r.returncode == 0, r.stderr
+        return
+    err = _one_line_error(r)
+    assert f"{f}: this host cannot run a guest with this CPUID" in err
+    for p in verdict["problems"]:
+        assert " ".join(p.replace("there", "here").replace("the destination", "this host").split()) in err
+    assert "KVM_SET" not in err and "--amx" not in err
+    if not verdict["vendor"]["same"]:
+        assert "vendor: the guest's CPUID says" in err
+    assert name != "here"  # this host's own baseline runs here

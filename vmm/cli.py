@@ -55,8 +55,8 @@ def run(guest, timeout, cpl, memory_mib, cpu_file, args, amx, device, as_json):
     if image.driver:
         raise GuestError(f"guest {image.name!r} waits at each SYNC for its host to hand it work; "
                          f"`vmm run` has none to give: run it through `{image.driver}`")
-    with Machine(image, cpl=int(cpl), memory=memory_mib << 20, device=device,
-                 on_console=console_echo(as_json), cpuid=load_cpu(cpu_file), amx=amx, args=args) as m:
+    with Machine(image, cpl=int(cpl), memory=memory_mib << 20, device=device, on_console=console_echo(as_json),
+                 cpuid=load_cpu(cpu_file), cpuid_source=cpu_file, amx=amx, args=args) as m:
         ev, syncs = run_to_end(m, timeout, as_json)
         elapsed = time.monotonic() - t0
         if as_json:

@@ -48,6 +48,7 @@ class Wording:
 
 COMPAT = Wording("the guest", "in the guest", "there", "the destination")
 RESTORE = Wording("the snapshot", "in the snapshot", "here", "this host")
+RUN = Wording("the guest", "in the guest", "here", "this host")
 
 
 def _span(c):
@@ -327,6 +328,17 @@ def compare(guest, host, wording=COMPAT):
         notes.append(f"kernels differ: Linux {guest.source['kernel']} -> Linux {host.kernel}")
     return Comparison(guest, host, vendor, features, components, xsave_size, msrs, amx, problems, notes,
                       warnings, tsc)
+
+
+def check_runs_here(table, kvm, label):
+    """Refuse, before any VM, a guest CPUID (a vmm.cpuid.CpuidTable, e.g. `vmm run --cpu FILE`) that
+    this process's /dev/kvm cannot give: the judge of `vmm compat FILE --host here` (compare against
+    vmm.host.Host.from_kvm), so a vendor or an XSAVE component missing here is named rather than met as
+    EINVAL/EPERM from KVM_SET_CPUID2/KVM_SET_XCRS. Raises CompatError listing every problem."""
+    c = compare(Guest(label=f"guest CPUID {label}", kind="cpuid", cpuid=table), Host.from_kvm(kvm), RUN)
+    if c.problems:
+        raise CompatError(f"{label}: this host cannot run a guest with this CPUID (as `vmm compat {label} "
+                          "--host here` says):\n  - " + "\n  - ".join(c.problems))
 
 
 def _layout(cpuid):

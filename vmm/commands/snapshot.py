@@ -33,7 +33,7 @@ def snapshot_cmd(guest, output, at_sync, vcpus, memory_mib, cpu_file, timeout, a
     from ..guest.machine import Machine
     from .. import files
     files.output_target(output)  # a missing directory or an unwritable kind of file: before the guest runs
-    with Machine(guest, vcpus=vcpus, memory=memory_mib << 20, cpuid=load_cpu(cpu_file), device=device,
+    with Machine(guest, vcpus=vcpus, memory=memory_mib << 20, cpuid=load_cpu(cpu_file), cpuid_source=cpu_file, device=device,
                  on_console=console_echo(as_json), amx=amx) as m:
         for i in range(vcpus):
             run_to_sync(m, at_sync, timeout, vcpu=i)

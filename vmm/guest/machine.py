@@ -38,11 +38,13 @@ def _check_args(args):
 
 
 class Machine:
-    """Builds a VM for a guest image. Use as a context manager; `kvm` may be shared."""
+    """Builds a VM for a guest image. Use as a context manager; `kvm` may be shared. With
+    `cpuid_source` (a file name) the given `cpuid` is a user's and is judged against this host first
+    (vmm.compat.check_runs_here: CompatError before any VM)."""
 
     def __init__(self, guest="hello", cpl=3, memory=runtime.DEFAULT_MEMORY, vcpus=1, kvm=None,
                  cpuid=None, xcr0=None, device=kvm_mod.DEFAULT_DEVICE, on_console=None, irqchip=True,
-                 amx=False, pit=False, args=()):
+                 amx=False, pit=False, args=(), cpuid_source=None):
         if not 1 <= vcpus <= runtime.MAX_VCPUS:
             raise ValueError(f"the guest runtime lays out 1 to {runtime.MAX_VCPUS} vCPUs, not {vcpus}")
         if memory < runtime.MIN_MEMORY:
@@ -63,6 +65,9 @@ class Machine:
                 from ..amx import enable as enable_amx
                 self.amx = enable_amx(self.kvm, xcr0)
                 cpuid = self.amx.guest_cpuid if cpuid is None else cpuid
+            if cpuid_source is not None and cpuid is not None:  # a user's CPUID: the compat judge first
+                from ..compat import check_runs_here
+                check_runs_here(cpuid, self.kvm, cpuid_source)
             self._check_requirements()
             self.vm = self.kvm.create_vm()
             if irqchip:
