@@ -102,7 +102,7 @@ BAD_STATES = [
     ("rip not hex", _set("regs", "rip", "abc"), "regs.rip: 'abc' is not a hex number"),
     ("a register missing", lambda j: j["regs"].pop("rax"), "regs: fields differ"),
     ("segment selector beyond 16 bits", _set("sregs", "cs", "selector", "0x10000"), "sregs.cs.selector"),
-    ("XCR0 0", _set("xcrs", "0x0", "0x0"), "XCR0 0x0 is not a valid XCR0"),
+    ("XCR0 0", _set("xcrs", "0x0", "0x0"), "xcrs XCR0 0x0 (none) is not a valid XCR0"),
     ("mp_state 99", _set("mp_state", 99), "mp_state: 99"),
     ("CR0 0 in long mode", _set("sregs", "cr0", "0x0"), "sregs.cr0"),
     ("tsc_khz 0", _set("tsc_khz", 0), "tsc_khz: 0"),
@@ -170,3 +170,19 @@ def test_run_cpu_is_judged_like_compat_host_here_before_any_vm(cpu_files, name):
     if not verdict["vendor"]["same"]:
         assert "vendor: the guest's CPUID says" in err
     assert name != "here"  # this host's own baseline runs here
+
+
+# -- reg set: XCR0 by the architectural rules (the --xcr0 ones) before any ioctl; KVM's refusal of a value ---
+def test_reg_set_xcr0_is_checked_by_the_xcr0_rules_before_kvm():
+    err = _one_line_error(vmm("reg", "set", "sync", "XCR0=0x0"))
+    assert "XCR0 0x0 (none) is not a valid XCR0: x87 (bit 0) must always be set" in err
+    assert "KVM_SET_XCRS" not in err
+    err = _one_line_error(vmm("reg", "set", "sync", "XCR0=0x5"))  # AVX without SSE
+    assert "AVX (bit 2) needs SSE (bit 1)" in err
+
+
+def test_a_value_kvm_refuses_is_not_called_an_inaccessible_register():
+    r = vmm("reg", "set", "sync", "EFER=0xffffffffffffffff")
+    err = _one_line_error(r, 4)
+    assert "KVM refused the value 0xffffffffffffffff for MSR_EFER, which this vCPU can access" in err
+    assert "does not let this vCPU access" not in err

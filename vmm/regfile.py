@@ -311,6 +311,12 @@ class RegisterFile:
             s.debugregs = bytes(buf)
             return "debugregs"
         if r.cls == "xcr":
+            if n == "XCR0":  # the architectural rules (as --xcr0) before KVM_SET_XCRS says EINVAL
+                from .xsave_layout import check_xcr0_rules
+                try:
+                    check_xcr0_rules(value, "XCR0", s.cpuid.xcr0_supported() if s.cpuid is not None else 0)
+                except XsaveError as e:
+                    raise RegFileError(str(e)) from None
             s.xcrs[int(n[3:])] = value
             return "xcrs"
         if r.cls == "msr":

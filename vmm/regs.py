@@ -437,7 +437,13 @@ class RegisterAccess:
                 return self.vcpu.set_one_reg(reg_id, value)
             self.vcpu.set_msrs({rid.index: value})
         except KvmError as e:
-            raise self._explain(e, reg_id) from None
+            try:  # a register this vCPU can read refused the value, not the access
+                self.get(reg_id)
+            except KvmError:
+                raise self._explain(e, reg_id) from None
+            raise KvmError(e.ioctl, e.errno, detail=name_of(reg_id),
+                           hint=f"KVM refused the value 0x{value:x} for {name_of(reg_id)}, which this vCPU "
+                           "can access (reserved bits set, or a value its guest CPUID does not allow)") from None
 
     def readable_msrs(self, indices):
         """{index: value} for the MSRs of `indices` this vCPU can read; the rest are left out."""

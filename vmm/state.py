@@ -250,19 +250,15 @@ class _Check:
         return v
 
     def xcrs(self, xcrs, cpuid):
-        from .xsave_layout import mask_names, xcr0_violations
+        from .xsave_layout import XsaveError, check_xcr0_rules
         for k in xcrs:
             if k != 0:
                 raise StateError(f"xcrs: XCR{k} does not exist (XCR0 is the only one, SDM vol. 1 13.3)")
         if 0 in xcrs:
-            x = xcrs[0]
-            bad = xcr0_violations(x)
-            if bad:
-                raise StateError(f"xcrs XCR0 {x:#x} is not a valid XCR0: " + "; ".join(bad))
-            sup = cpuid.xcr0_supported()
-            if sup and x & ~sup:
-                raise StateError(f"xcrs XCR0 {x:#x} has {mask_names(x & ~sup)}, which the state's guest "
-                                 f"CPUID does not give (0xD: {sup:#x})")
+            try:
+                check_xcr0_rules(xcrs[0], "xcrs XCR0", cpuid.xcr0_supported())
+            except XsaveError as e:
+                raise StateError(str(e)) from None
         return xcrs
 
     def xsave(self, d, cpuid):

@@ -111,9 +111,13 @@ def xcr0_violations(mask: int) -> list[str]:
     return out
 
 
-def check_xcr0_rules(mask: int, what: str = "XCR0") -> None:
-    """Raise XsaveError naming every rule `mask` breaks (see xcr0_violations)."""
+def check_xcr0_rules(mask: int, what: str = "XCR0", supported: int = 0) -> None:
+    """Raise XsaveError naming every rule `mask` breaks (see xcr0_violations) and, with `supported`
+    (the guest CPUID's leaf 0xD XCR0 bits), every component outside it, which KVM_SET_XCRS also
+    refuses (arch/x86/kvm/x86.c __kvm_set_xcr: guest_supported_xcr0)."""
     problems = xcr0_violations(mask)
+    if supported and mask & ~supported:
+        problems.append(f"{mask_names(mask & ~supported)} not in the guest CPUID's XCR0 {supported:#x}")
     if problems:
         raise XsaveError(f"{what} {mask:#x} ({mask_names(mask)}) is not a valid XCR0: " + "; ".join(problems),
                          problems)
