@@ -79,25 +79,34 @@ class Image:
 
     def check_fits(self, memory, vcpus=1):
         """Raise GuestError unless the payload fits guest memory of `memory` bytes with `vcpus`
-        user stacks: flat code within FLAT_MAX bytes; ELF segments at or above PAYLOAD_BASE (the
-        runtime's tables are below), inside guest memory, clear of the vCPUs' user stacks."""
+        user stacks. Every piece of it, ELF segments and a flat binary (one piece at PAYLOAD_BASE)
+        alike, must lie at or above PAYLOAD_BASE (the runtime's tables are below), inside guest
+        memory (at most runtime.MAX_PDS GiB) and clear of the vCPUs' user stacks below
+        USER_STACK_TOP; a flat binary also within FLAT_MAX bytes."""
+        what = "segment" if self.elf_segments is not None else "flat binary"
         if self.elf_segments is None:
             if len(self.code) > FLAT_MAX:
                 raise GuestError(f"guest {self.name!r} is {len(self.code)} bytes, larger than the {FLAT_MAX} "
                                  f"bytes of guest memory reserved for the payload at 0x{runtime.PAYLOAD_BASE:x}")
-            return
+            pieces = [(runtime.PAYLOAD_BASE, len(self.code))]
+        else:
+            pieces = [(s.addr, s.memsz) for s in self.elf_segments]
         stacks = (runtime.USER_STACK_TOP - vcpus * STACK_BYTES, runtime.USER_STACK_TOP)
-        for s in self.elf_segments:
-            end = s.addr + s.memsz
-            if s.addr < runtime.PAYLOAD_BASE:
-                raise GuestError(f"guest {self.name!r}: segment at 0x{s.addr:x} is below 0x{runtime.PAYLOAD_BASE:x}, "
+        max_memory = runtime.MAX_PDS << 30
+        for addr, size in pieces:
+            end = addr + size
+            if addr < runtime.PAYLOAD_BASE:
+                raise GuestError(f"guest {self.name!r}: segment at 0x{addr:x} is below 0x{runtime.PAYLOAD_BASE:x}, "
                                  "where the runtime keeps its tables; link it at 0x100000 or above")
             if end > memory:
-                raise GuestError(f"guest {self.name!r}: segment 0x{s.addr:x}..0x{end:x} lies beyond guest memory "
-                                 f"({memory >> 20} MiB); give --memory {-(-end >> 20)} or more")
-            if s.addr < stacks[1] and end > stacks[0]:
-                raise GuestError(f"guest {self.name!r}: segment 0x{s.addr:x}..0x{end:x} overlaps the vCPU user "
-                                 f"stacks at 0x{stacks[0]:x}..0x{stacks[1]:x}")
+                fix = (f"give --memory {-(-end >> 20)} or more" if end <= max_memory else
+                       f"it cannot fit: guest memory is at most {max_memory >> 20} MiB")
+                raise GuestError(f"guest {self.name!r}: {what} 0x{addr:x}..0x{end:x} lies beyond guest memory "
+                                 f"({memory >> 20} MiB); {fix}")
+            if addr < stacks[1] and end > stacks[0]:
+                raise GuestError(f"guest {self.name!r}: {what} 0x{addr:x}..0x{end:x} overlaps the vCPU user "
+                                 f"stacks at 0x{stacks[0]:x}..0x{stacks[1]:x}"
+                                 + (f" ({vcpus} vCPUs)" if vcpus > 1 else ""))
     requires: tuple = ()
     driver: str = None  # what drives a guest that waits for its host at each SYNC (DRIVERS)
 
