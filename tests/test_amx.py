@@ -86,16 +86,22 @@ def test_xsave2_size_follows_the_guest_permission(kvm):
 
 def test_set_cpuid2_with_xtiledata_needs_permission(kvm, tmp_path):
     """A fresh process has no XTILEDATA guest permission on any host: KVM_SET_CPUID2 with bit 18
-    in CPUID.(0DH,0).EAX is EPERM, and vmm says why and what to do."""
+    in CPUID.(0DH,0).EAX is EPERM, and vmm says why and what to do. `vmm run --cpu` refuses such a
+    file before any VM (the compat judge: this process holds no AMX permission; --amx asks for it)."""
     cpuid = default_guest_cpuid(kvm)
     cpuid.entry(0xD, 0).eax |= XTILEDATA
     path = tmp_path / "xtiledata.json"
     path.write_text(json.dumps(cpuid.to_json()))
     r = _vmm("run", "--cpu", str(path))
-    assert r.returncode == 4 and r.stdout == ""
-    assert r.stderr.startswith("vmm: error: KVM_SET_CPUID2 failed: EPERM (Operation not permitted); ")
-    assert "arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) before creating vCPUs" in r.stderr
-    assert r.stderr.count("\n") == 1
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert "AMX: the guest uses XTILEDATA, this host cannot grant it" in r.stderr and "--amx" in r.stderr
+    code = ("import json, sys; from vmm.cpuid import CpuidTable; from vmm.errors import KvmError\n"
+            "from vmm.guest.machine import Machine\n"
+            "try:\n    Machine('hello', cpuid=CpuidTable.from_json(json.load(open(sys.argv[1])))).close()\n"
+            "except KvmError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith("KVM_SET_CPUID2 failed: EPERM (Operation not permitted); "), r.stdout + r.stderr
+    assert "arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) before creating vCPUs" in r.stdout
 
 
 def test_vmm_run_amx(kvm):

@@ -213,3 +213,13 @@ def test_a_segment_beyond_any_guest_memory_is_said_not_to_fit():
     near = Image("near", b"", elf_segments=[SimpleNamespace(addr=0x600000, memsz=0x2004, data=b"")])
     with pytest.raises(GuestError, match="give --memory 7 or more"):
         near.check_fits(4 << 20)
+
+
+# -- `-o -`: the file is standard output, the summary goes to standard error -------------------------------
+@pytest.mark.parametrize("args", [("baseline", "here"), ("probe", "--check", "cap_xsave2_dev_kvm"),
+                                  ("baseline", "here", "--json")])
+def test_output_to_stdout_is_only_the_file(args):
+    r = vmm(*args, "-o", "-")
+    assert r.returncode in (0, 1), r.stderr
+    d = json.loads(r.stdout)  # one JSON document, nothing else
+    assert isinstance(d, dict) and r.stderr.strip()

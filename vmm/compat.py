@@ -342,6 +342,8 @@ def check_runs_here(table, kvm, label):
     c = compare(Guest(label=f"guest CPUID {label}", kind="cpuid", cpuid=table), host, RUN)
     fields = set(problems_of(compare_tables(table, host.capability, RUN.in_guest, RUN.there), RUN.dest))
     problems = [p for p in c.problems if p not in fields]
+    if c.amx.get("status") == "not available":
+        problems.append("AMX needs this process's guest permission, which `--amx` asks for first")
     if problems:
         raise CompatError(f"{label}: this host cannot run a guest with this CPUID (as `vmm compat {label} "
                           "--host here` says):\n  - " + "\n  - ".join(problems))

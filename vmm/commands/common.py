@@ -26,9 +26,10 @@ EXIT_STATUS_HELP = ("Exit status: 0 success (guest DONE, verdict yes); 1 guest f
                     "141 output pipe closed.")
 
 
-def _emit(obj):
+def _emit(obj, err=False):
+    """`obj` as indented JSON on standard output (`err`: standard error, when stdout carries a file)."""
     import json  # on use: `vmm run` without --json never needs it (cold start)
-    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+    click.echo(json.dumps(obj, indent=2, sort_keys=False), err=err)
 
 
 class GuestEnded(VmmError):

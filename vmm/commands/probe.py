@@ -60,12 +60,13 @@ def probe_cmd(output, names, groups, list_only, device, as_json):
     report = probe.make_report(device, names or None, groups=list(groups) or None)
     if output:
         _write_json(output, report)
+    to_stdout = output == "-"  # the report went to stdout: the summary goes to stderr
     if as_json:
-        _emit(report)
+        _emit(report, err=to_stdout)
     else:
-        click.echo(probe.format_report(report), nl=False)
+        click.echo(probe.format_report(report), nl=False, err=to_stdout)
         if output:
-            click.echo(f"report written to {output} (schema {report['schema']})")
+            click.echo(f"report written to {output} (schema {report['schema']})", err=to_stdout)
     sys.exit(EXIT_OK if probe.all_as_upstream(report) else EXIT_GUEST)
 
 
@@ -108,10 +109,11 @@ def baseline_cmd(hosts, output, device, as_json):
     from .. import baseline
     b = baseline.baseline(list(hosts), device)
     _write_json(output, b)
+    to_stdout = output == "-"  # the file went to stdout: the summary goes to stderr
     if as_json:
-        _emit(b)
+        _emit(b, err=to_stdout)
     else:
-        click.echo(baseline.format_baseline(b, output), nl=False)
+        click.echo(baseline.format_baseline(b, output), nl=False, err=to_stdout)
 
 
 COMMANDS = [probe_cmd, compat_cmd, baseline_cmd]
