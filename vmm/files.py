@@ -94,6 +94,7 @@ def open_input(path, what="file", limit=None):
         os.close(fd)
         raise FileError(f"{path}: is {kind_of(st2.st_mode)}, not a regular file (expected a {what})")
     f = os.fdopen(fd, "rb")
+    f.raw.name = path  # f.name is the path in messages, not the descriptor number
     f.size = st2.st_size
     return f
 

@@ -424,14 +424,14 @@ def _check_unrecorded(f, sec, mem_meta, path):
             _check_zero(f, pos, d1, sec, mem_meta, path)
 
 
-def _verify_extents(f, sec, mem_meta, fn, extents):
+def _verify_extents(f, sec, mem_meta, fn, extents, path):
     """Every recorded extent against its checksum, read through a mapping of the file on worker
     threads."""
     import mmap
     with mmap.mmap(f.fileno(), sec.length, prot=mmap.PROT_READ, offset=sec.offset) as mm:
         view = memoryview(mm)
         try:
-            _join(_parallel(_extent_jobs(fn, extents, view, mem_meta["gpa"], f.name)))
+            _join(_parallel(_extent_jobs(fn, extents, view, mem_meta["gpa"], path)))
         finally:
             view.release()
 
@@ -500,7 +500,7 @@ def load(path, check_memory=True):
             except (TypeError, ValueError) as e:
                 raise SnapshotError(f"{path}: memory slot {m['slot']}: malformed extents ({e})") from None
             if check_memory:
-                _verify_extents(f, sec, m, fn, extents)
+                _verify_extents(f, sec, m, fn, extents, path)
             else:
                 unchecked[m["slot"]] = (fn, extents)
     return Snapshot(path, major, minor, sections, meta, vm, vcpus, unchecked)
