@@ -318,8 +318,11 @@ class Runner:
                 insn = ""
         hint = ""
         if is_pvm() and sregs.cpl == 0:
+            kind = vector_insn_kind(insn)
             hint = ("this host's KVM (kvm_pvm) emulates guest CPL0 code instruction by instruction and "
-                    "cannot emulate SSE/AVX/XSAVE instructions: run the payload at CPL3 (--cpl 3)")
+                    + (f"cannot emulate {kind} instructions" if kind else
+                       f"could not emulate the instruction at 0x{regs.rip:x} ({insn or 'bytes unknown'})")
+                    + ": run the payload at CPL3 (--cpl 3)")
         return InternalError(self.vcpu.id, r.internal.suberror, regs.rip, sregs.cpl, insn, hint)
 
     # --- the loop -----------------------------------------------------------------------------
@@ -364,6 +367,41 @@ class Runner:
 
 
 _LOOP_EXIT, _LOOP_TIMEOUT = lib.VMM_LOOP_EXIT, lib.VMM_LOOP_TIMEOUT
+
+_LEGACY_PREFIXES = {0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0xF0}
+
+
+def vector_insn_kind(insn_hex):
+    """"AVX" (a VEX or EVEX prefix), "XSAVE" (0F AE /4-/6, 0F C7 /3-/5 with a memory operand,
+    XGETBV/XSETBV 0F 01 D0/D1), "SSE" (the 0F opcodes of SSE to SSE4, 0F 38, 0F 3A, LDMXCSR/STMXCSR)
+    for an instruction given as hex bytes ("0f 28 c1"), or None for anything else (SDM vol. 2, opcode
+    map, appendix A). Approximate: it names what kvm_pvm's CPL0 emulator is known to fail on."""
+    try:
+        b = bytes.fromhex(insn_hex)
+    except ValueError:
+        return None
+    i = 0
+    while i < len(b) and b[i] in _LEGACY_PREFIXES:
+        i += 1
+    if i < len(b) and b[i] in (0xC4, 0xC5, 0x62):  # in 64-bit mode always VEX/EVEX
+        return "AVX"
+    if i < len(b) and 0x40 <= b[i] <= 0x4F:  # REX
+        i += 1
+    if i + 1 >= len(b) or b[i] != 0x0F:
+        return None
+    op = b[i + 1]
+    modrm = b[i + 2] if i + 2 < len(b) else None
+    if op == 0x01 and modrm in (0xD0, 0xD1):
+        return "XSAVE"
+    reg = None if modrm is None or modrm >> 6 == 3 else modrm >> 3 & 7  # memory forms only
+    if op == 0xAE and reg in (2, 3):  # LDMXCSR, STMXCSR
+        return "SSE"
+    if (op == 0xAE and reg in (4, 5, 6)) or (op == 0xC7 and reg in (3, 4, 5)):  # XSAVE/XRSTOR/XSAVEOPT; XRSTORS/XSAVEC/XSAVES
+        return "XSAVE"
+    if op in (0x38, 0x3A) or 0x10 <= op <= 0x17 or 0x28 <= op <= 0x2F or 0x50 <= op <= 0x7F \
+            or op in (0xC2, 0xC4, 0xC5, 0xC6) or op >= 0xD0:
+        return "SSE"
+    return None
 
 
 def _ignore(reason):
