@@ -63,7 +63,14 @@ def read_cpuid_file(path, limit=MAX_DUMP_BYTES):
     except UnicodeDecodeError:
         if b"\0" in raw:
             raise CpuidError(f"{path}: binary data, not a CPUID dump ({_accepted()})") from None
-        text = raw.decode("latin-1")  # a dump with a brand string in a legacy code page
+        try:  # a dump with a brand string in a legacy code page
+            return parse_cpuid_text(raw.decode("latin-1"), str(path))
+        except CpuidError:  # not that: say what the README says, the first byte that is not UTF-8
+            try:
+                files.decode_text(raw, str(path), "CPUID dump")
+            except files.FileError as e:
+                raise CpuidError(f"{e} ({_accepted()})") from None
+            raise
     return parse_cpuid_text(text, str(path))
 
 
