@@ -181,7 +181,8 @@ def compare(guest, host, wording=COMPAT):
     warnings += warnings_of(diffs)
     missing = sorted({n for d in diffs if d.verdict == "problem" and d.field.kind == FLAGS for n in d.bits})
     named = sorted(guest.cpuid.features())
-    features = {"guest": len(named), "present": [f for f in named if cap.has(f)], "missing": missing,
+    refused = set(missing)  # present: what the judge does not refuse (KVM-emulated bits included)
+    features = {"guest": len(named), "present": [f for f in named if f not in refused], "missing": missing,
                 "fields": [d.to_json() for d in diffs],
                 "refused": sum(d.verdict == "problem" for d in diffs),
                 "warnings": sum(d.verdict == "warning" for d in diffs),
@@ -372,8 +373,12 @@ def format_comparison(c):
     out.append(f"{'vendor':<22} {v['source'] or '?'} -> {v['destination'] or '?'}"
                f"{'':<8}{'same' if v['same'] else 'DIFFERS'}")
     f = c.features
+    unnamed = sum(n.startswith("CPUID.") for n in f["missing"])  # bits without a feature name
+    named_missing = len(f["missing"]) - unnamed
     out.append(f"{'CPUID features':<22} {len(f['present'])} of {f['guest']} named present there"
-               + (f"; missing: {len(f['missing'])}" if f["missing"] else ""))
+               + (f"; missing: {named_missing} named" if named_missing else "")
+               + (f"{'; missing:' if not named_missing else ' and'} {unnamed} unnamed bit{'s' * (unnamed > 1)}"
+                  if unnamed else ""))
     for name in f["missing"]:
         out.append(f"  {name:<20} missing there")
     out.append(f"{'CPUID fields':<22} {len(f['fields'])} differ: {f['refused']} refuse, {f['warnings']} "
