@@ -236,14 +236,24 @@ def console_echo(as_json):
     return echo
 
 
+def _since(ev, t0):
+    """A Timeout event's seconds counted from `t0`, the start of the whole run (the run loop counts
+    from its own call, one of many when the guest SYNCs on the way)."""
+    from ..guest.runner import Timeout
+    if isinstance(ev, Timeout):
+        ev.seconds = time.monotonic() - t0
+    return ev
+
+
 def run_to_sync(m, n=1, timeout=10.0, vcpu=0):
     """Run vCPU `vcpu` until its n-th SYNC (1-based); any other ending is an error."""
     from ..guest.runner import Sync
     if n < 1:
         raise VmmError(f"SYNC numbers start at 1, not {n}")
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     for i in range(n):
-        ev = m.run(timeout=max(deadline - time.monotonic(), 1e-3), vcpu=vcpu)
+        ev = _since(m.run(timeout=max(deadline - time.monotonic(), 1e-3), vcpu=vcpu), t0)
         if not isinstance(ev, Sync):
             raise GuestEnded(f"guest {m.image.name!r} ended with '{ev}' before reaching SYNC {n} "
                              f"(it reached {i})", ev)
@@ -253,10 +263,11 @@ def run_to_sync(m, n=1, timeout=10.0, vcpu=0):
 def run_to_end(m, timeout=10.0, as_json=False, vcpu=0):
     """Continue until the guest ends; SYNCs are echoed (text mode) and collected."""
     from ..guest.runner import Sync
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     syncs = []
     while True:
-        ev = m.run(timeout=max(deadline - time.monotonic(), 1e-3), vcpu=vcpu)
+        ev = _since(m.run(timeout=max(deadline - time.monotonic(), 1e-3), vcpu=vcpu), t0)
         if not isinstance(ev, Sync):
             return ev, syncs
         syncs.append(ev.value)
