@@ -223,3 +223,73 @@ def test_output_to_stdout_is_only_the_file(args):
     assert r.returncode in (0, 1), r.stderr
     d = json.loads(r.stdout)  # one JSON document, nothing else
     assert isinstance(d, dict) and r.stderr.strip()
+
+
+# -- a corrupt memory extent names the snapshot file, not a descriptor number ------------------------------
+def test_a_flipped_memory_byte_names_the_snapshot_file(tmp_path):
+    from vmm import snapshot
+    path = tmp_path / "mem.snap"
+    assert vmm("snapshot", "sync", "-o", path).returncode == 0
+    snap = snapshot.load(str(path))
+    off, n, _ = snap.memory[0]["extents"][0]
+    data = bytearray(path.read_bytes())
+    data[snap.sections["mem.0"].offset + off] ^= 0xFF
+    path.write_bytes(bytes(data))
+    for cmd in ("inspect", "restore", "compat"):
+        err = _one_line_error(vmm(cmd, path))
+        assert err.startswith(f"vmm: error: {path}: guest memory at 0x") and "fails its checksum" in err, err
+
+
+# -- the CPL0 emulation hint follows the instruction bytes ---------------------------------------------------
+def test_the_cpl0_emulation_hint_names_vector_instructions_only_for_them():
+    from vmm.guest.runner import vector_insn_kind
+    assert vector_insn_kind("cc") is None and vector_insn_kind("0f 01 f8") is None
+    assert vector_insn_kind("0f ae 38") is None  # CLFLUSH
+    assert vector_insn_kind("66 0f 6f c1") == "SSE" and vector_insn_kind("0f 28 c1") == "SSE"
+    assert vector_insn_kind("0f ae 18") == "SSE"  # STMXCSR
+    assert vector_insn_kind("c5 fd 6f c1") == "AVX" and vector_insn_kind("62 f1 7d 48 6f c1") == "AVX"
+    assert vector_insn_kind("48 0f ae 20") == "XSAVE" and vector_insn_kind("0f 01 d0") == "XSAVE"
+    assert vector_insn_kind("0f c7 20") == "XSAVE" and vector_insn_kind("") is None
+
+
+def test_an_int3_at_cpl0_is_not_blamed_on_sse():
+    from vmm.kvm import is_pvm
+    r = vmm("run", "msr-report", "--cpl", "0", "--timeout", "20")
+    out = r.stdout + r.stderr
+    if is_pvm() and "internal error" in out:
+        assert "SSE/AVX/XSAVE" not in out and "SSE instructions" not in out
+        assert "could not emulate the instruction at 0x" in out
+
+
+# -- a CPUID dump that is not UTF-8 names its first bad byte ---------------------------------------------------
+def test_a_non_utf8_dump_names_its_first_bad_byte(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes(b"\xff\xfe\nCPUID 00000000: 0000000D-68747541-444D4163-69746E65\n")
+    err = _one_line_error(vmm("cpuid", "--file", f))
+    assert "byte 0xff at offset 0 is not UTF-8" in err
+
+
+# -- compat's feature counts agree: present + missing named = named ---------------------------------------------
+def test_compat_feature_counts_agree():
+    import re
+    r = vmm("compat", f"{DATA}/intel-sapphire-rapids-w7-2475x.txt", "--host", "here")
+    line = next(x for x in r.stdout.splitlines() if x.startswith("CPUID features"))
+    m = re.search(r"(\d+) of (\d+) named present there(?:; missing: (\d+) named)?", line)
+    assert m, line
+    present, named, missing = int(m[1]), int(m[2]), int(m[3] or 0)
+    assert present + missing == named, line
+
+
+# -- a timeout's seconds are the run's, not those of the last KVM_RUN loop call ----------------------------------
+def test_a_timeout_reports_the_whole_runs_seconds(kvm):
+    import time
+    from vmm.commands.common import run_to_end
+    from vmm.guest.machine import Machine
+    from vmm.guest.runner import Timeout
+    with Machine("xcr0", kvm=kvm) as m:  # SYNCs without end when no host drives it
+        t0 = time.monotonic()
+        ev, syncs = run_to_end(m, timeout=1.0, as_json=True)
+        elapsed = time.monotonic() - t0
+    assert isinstance(ev, Timeout) and len(syncs) > 1
+    assert 1.0 <= ev.seconds <= elapsed, (ev.seconds, elapsed)
+    assert str(ev).startswith(f"timeout after {ev.seconds:.2f} s")
