@@ -1,8 +1,8 @@
 /*
  * checkpoint: fills GPRs, memory and every XSAVE component this vCPU has and CPL3 can write
- * (xstate.inc: x87, SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM, PKRU, AMX tiles) with patterns distinct
- * per vCPU (index in %rsi at entry; %rdx = the XCR0 the VMM gave it); SYNC(mask of the components
- * it filled) is the snapshot point; then it stores what it sees (for the host to read) and checks
+ * (x87, SSE, AVX, AVX-512, PKRU, AMX tiles) with patterns distinct per vCPU, SYNC(mask it filled).
+ * At entry %rsi is the vCPU index and %rdx the XCR0 the VMM gave it (xstate.inc).
+ * That SYNC is the snapshot point; then it stores what it sees (for the host to read) and checks
  * every register and the memory: DONE, or FAIL(code): 0x1nn GPR n, 0x2nn vector register n,
  * 0x3nn Kn, 0x4nn x87 ST(n), 0x500 memory, 0x600 vCPU index, 0x700 PKRU, 0x8nn TMMn, 0x900 TILECFG.
  * Patterns (v = vCPU index): GPR n = 0xC0DE000000000000 | v << 32 | n;
