@@ -56,9 +56,8 @@ def checks(probed):
 
 # --- the report ------------------------------------------------------------------------------------
 @pytest.mark.kvm
-def test_probe_runs_every_check_quickly_and_its_json_validates_against_the_shipped_schema(probed):
-    report, written, seconds = probed
-    assert seconds < 30
+def test_probe_runs_every_check_and_its_json_validates_against_the_shipped_schema(probed):
+    report, written, _ = probed  # its time is a benchmark's business (README), not a test's
     assert written["checks"] == report["checks"] and written["schema"] == "vmm-probe-report/2"
     shipped = json.loads((resources.files("vmm") / "schema" / "probe-report.schema.json").read_text())
     assert probe.validate(report, shipped) == []

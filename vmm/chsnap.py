@@ -22,7 +22,6 @@ vmm/src/cpu.rs, hypervisor/src/kvm/x86_64/mod.rs, hypervisor/src/arch/x86/mod.rs
 Debug registers are not saved by Cloud Hypervisor: the states read here have none.
 """
 
-import json
 import os
 import struct
 

@@ -3,7 +3,6 @@ or JSON, or `here`; told apart by content, not by the file name. Loading is kept
 judge (vmm.compat), which is pure, so restore can use the judge without this module's imports
 (snapshot, probe)."""
 
-import json
 import os
 
 from . import files

@@ -15,7 +15,6 @@ such as /dev/zero is refused with that reason, not read into memory.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 

@@ -527,7 +527,7 @@ def run_kernel(series, args, busybox):
     console = ConsoleRun(cmd, results / "console.log", args.deadline, echo=args.verbose)
     rc = console.run()
     report = {"series": series, "package": kernel.package, "version": kernel.version,
-              "release": kernel.release, "vm": f"QEMU TCG -cpu max, kvm_amd", "qemu_exit": rc}
+              "release": kernel.release, "vm": "QEMU TCG -cpu max, kvm_amd", "qemu_exit": rc}
     ready, done = console.first("kvm-ready"), console.first("finished")
     report["boot_s"] = ready
     report["run_s"] = (done or console.seconds) - (ready or 0)

@@ -207,10 +207,9 @@ def progress_bar(label, min_bytes=64 << 20):
 
 
 def load_cpu(cpu_file):
+    """The guest CPUID of a --cpu JSON file (vmm cpuid --json, vmm baseline), read bounded."""
     if not cpu_file:
         return None
-    """The guest CPUID of a --cpu JSON file (vmm cpuid --json, vmm baseline), read bounded."""
-    import json
     from .. import files
     from ..cpuid import CpuidError, CpuidTable
     text = files.read_text(cpu_file, "guest CPUID JSON file", 16 << 20)
