@@ -95,26 +95,29 @@ def reg_list(source, classes, vcpu, device, at_sync, timeout, as_json):
     from .. import msr_features
     with _boot(source, device, at_sync, timeout, as_json, vcpu) as m:
         acc = regs.RegisterAccess(m.vcpus[vcpu])
-        listed = m.vcpus[vcpu].get_reg_list()
+        # x86 KVM_GET_REG_LIST came with x86 ONE_REG (Linux 6.18); older kernels answer EINVAL
+        listed = m.vcpus[vcpu].get_reg_list() if acc.one_reg else None
         values = acc.readable_msrs(m.kvm.get_msr_index_list())
         unreadable = sorted(set(m.kvm.get_msr_index_list()) - set(values))
         rf = sources.from_machine(m).regfile(vcpu)
         cpuid = m.vcpus[vcpu].cpuid
     state_rows = [_row(rf, r.name) for r in rf.registers(composites=True)
                   if r.cls != "msr" and (not classes or r.cls in classes)]
-    rows = [dict(regs.describe(i), value=None, source="KVM_GET_REG_LIST") for i in listed]
+    rows = [dict(regs.describe(i), value=None, source="KVM_GET_REG_LIST") for i in listed or ()]
     if not classes or "msr" in classes:
         # an MSR the guest's CPUID does not give it (vmm.msr_features) is not part of its state
         rows += [dict(regs.describe(regs.msr(i)), value=hex(v), source="KVM_GET_MSR_INDEX_LIST", **{"class": "msr"},
                       given_to_guest=msr_features.given(i, cpuid), needs=list(msr_features.features_of(i)))
                  for i, v in sorted(values.items())]
     if as_json:
-        _emit({"via": acc.via, "vcpu": vcpu, "reg_list": [hex(i) for i in listed],
+        _emit({"via": acc.via, "vcpu": vcpu, "reg_list": None if listed is None else [hex(i) for i in listed],
                "registers": [dict(r, source="vCPU state") for r, _ in state_rows] + rows,
                "unreadable_msrs": [hex(i) for i in unreadable]})
         return
     _echo_rows(state_rows)
-    click.echo(f"KVM_GET_REG_LIST: {len(listed)} registers; MSRs from KVM_GET_MSR_INDEX_LIST read via {acc.via}")
+    have = (f"{len(listed)} registers" if listed is not None
+            else "not in this kernel (x86 ONE_REG and KVM_GET_REG_LIST arrived in Linux 6.18)")
+    click.echo(f"KVM_GET_REG_LIST: {have}; MSRs from KVM_GET_MSR_INDEX_LIST read via {acc.via}")
     for r in rows:
         note = "" if r.get("given_to_guest", True) else f"  not given to this guest (needs {'/'.join(r['needs'])})"
         click.echo(f"  {r['id']}  {r['name']:<28} {r['value'] or '':>18}{note}")
