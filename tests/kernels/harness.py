@@ -445,19 +445,27 @@ def judge(series, results, console, report):
         report["guests"] = guests
 
     for proc in ("pytest-amx", "pytest"):
-        if proc not in steps:
+        parts = [s for s in steps if s == proc or s.startswith(proc + "/")]
+        if not parts:
             continue
-        counts = junit_counts(results / f"{proc}.xml")
-        if counts is None:
-            counts = verbose_counts(results / f"{proc}.out")
-        if counts is None:
-            problems.append(f"{proc}: no JUnit report (exit {steps[proc]}); see {results / (proc + '.out')}")
-            continue
-        report[proc] = counts
-        for outcome, name, msg in counts["failures"]:
+        total = {"passed": 0, "failed": 0, "error": 0, "skipped": 0, "failures": [], "skips": {}}
+        for part in parts:
+            counts = junit_counts(results / f"{part}.xml")
+            if counts is None:
+                counts = verbose_counts(results / f"{part}.out")
+            if counts is None:
+                problems.append(f"{part}: no JUnit report (exit {steps[part]}); see {results / (part + '.out')}")
+                continue
+            for k in ("passed", "failed", "error", "skipped"):
+                total[k] += counts[k]
+            total["failures"] += counts["failures"]
+            for reason, n in counts["skips"].items():
+                total["skips"][reason] = total["skips"].get(reason, 0) + n
+            if steps[part] not in (0, 5) and not counts["failures"]:
+                problems.append(f"{part} exited {steps[part]} with no failed test")
+        report[proc] = total
+        for outcome, name, msg in total["failures"]:
             problems.append(f"{proc}: {outcome.upper()} {name}: {msg}")
-        if steps[proc] not in (0, 5) and not counts["failures"]:
-            problems.append(f"{proc} exited {steps[proc]} with no failed test")
     return problems
 
 
@@ -471,8 +479,11 @@ def print_report(series, report, problems):
         k = report["kvm"]
         print(f"KVM               supported XCR0 {k.get('supported_xcr0')}, pvm {k.get('pvm')}")
     for step, secs in sorted(report.get("step_s", {}).items()):
-        if not step.startswith("guests/"):
+        if not step.startswith(("guests/", "pytest/")):
             print(f"  step {step:<12} {secs:7.1f} s  exit {report['steps'].get(step)}")
+    files = {k: v for k, v in report.get("step_s", {}).items() if k.startswith("pytest/")}
+    if files:
+        print(f"  step pytest      {sum(files.values()):7.1f} s  ({len(files)} processes, one per test file)")
     if "probe" in report:
         print(f"probe             {report.get('probe_summary')}")
         for name, (status, verdict) in report["probe"].items():
