@@ -173,11 +173,28 @@ def test_a_closed_stdout_ends_quietly():
     assert out == "sync 0x11\n" and err == ""
 
 
+def _wait_in_kvm_run(pid, limit=60):
+    """Until a thread of process `pid` sits in ioctl(vcpu fd, KVM_RUN) (/proc/PID/task/*/syscall:
+    number 16, then the arguments), so a signal reaches the running guest whatever the machine's speed."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            fds = {hex(int(f)) for f in os.listdir(f"/proc/{pid}/fd")
+                   if "kvm-vcpu" in os.readlink(f"/proc/{pid}/fd/{f}")}
+            calls = [open(f"/proc/{pid}/task/{t}/syscall").read().split() for t in os.listdir(f"/proc/{pid}/task")]
+        except (FileNotFoundError, ProcessLookupError):
+            fds, calls = set(), []
+        if any(c[:1] == ["16"] and c[1:2] and c[1] in fds and c[2:3] == [hex(0xAE80)] for c in calls):
+            return  # KVM_RUN = _IO(KVMIO, 0x80)
+        time.sleep(0.05)
+    raise AssertionError(f"vmm run spin did not reach KVM_RUN within {limit} s")
+
+
 def test_sigint_stops_the_guest_and_says_where():
     p = subprocess.Popen([sys.executable, "-m", "vmm.cli", "run", "spin", "--timeout", "60"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(2)
+    _wait_in_kvm_run(p.pid)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130 and out == ""
