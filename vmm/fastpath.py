@@ -379,7 +379,7 @@ class FastVcpu:
         makes on every restore: check_restorable, the XSAVE checks of Vcpu.set_xsave, KVM_SET_CPUID2
         (only when the state's CPUID differs from the vCPU's) and KVM_SET_TSC_KHZ (only when the
         frequency differs). The first restore of loaded buffers sets every piece by ioctl."""
-        from .state import _set_tsc_khz, check_restorable
+        from .state import set_tsc_khz, check_restorable
         self._alive()
         if self.vcpu.cpuid is None or state.cpuid != self.vcpu.cpuid:
             self.vcpu.set_cpuid2(state.cpuid)
@@ -387,7 +387,7 @@ class FastVcpu:
         xsave = check_restorable(self.vcpu, state)  # the image at this vCPU's XSAVE size
         self.vcpu.validate_xsave(xsave)
         if state.tsc_khz and state.tsc_khz != self.tsc_khz:
-            _set_tsc_khz(self.vcpu, state.tsc_khz)
+            set_tsc_khz(self.vcpu, state.tsc_khz)
             self.tsc_khz = self.vcpu.get_tsc_khz()
         return fill(state, xsave, st)
 

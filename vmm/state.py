@@ -534,7 +534,7 @@ def restore_state(vcpu, state, order=None):
     if not (vcpu.cpuid is state.cpuid or vcpu.cpuid == state.cpuid):
         vcpu.set_cpuid2(state.cpuid)  # a vCPU that already holds exactly this CPUID needs none
     if state.tsc_khz and state.tsc_khz != vcpu.tsc_khz():
-        _set_tsc_khz(vcpu, state.tsc_khz)
+        set_tsc_khz(vcpu, state.tsc_khz)
     restore_raw(vcpu, st)
 
 
@@ -563,7 +563,7 @@ def _restore_in_order(vcpu, state, order):
         # a vCPU that already holds exactly this CPUID (from us) needs no second KVM_SET_CPUID2
         "cpuid": lambda: (vcpu.cpuid is state.cpuid or vcpu.cpuid == state.cpuid
                           or vcpu.set_cpuid2(state.cpuid)),
-        "tsc_khz": lambda: _set_tsc_khz(vcpu, state.tsc_khz),
+        "tsc_khz": lambda: set_tsc_khz(vcpu, state.tsc_khz),
         "sregs": lambda: vcpu.set_sregs(state.sregs),
         "lapic": lambda: state.lapic is not None and vcpu.set_lapic(state.lapic),
         "msrs": lambda: msrs and vcpu.set_msrs(msrs),
@@ -582,7 +582,7 @@ RESTORE_ORDER = ("cpuid", "tsc_khz", "sregs", "lapic", "msrs", "xcrs", "xsave",
                  "events", "mp_state", "debugregs", "regs")
 
 
-def _set_tsc_khz(vcpu, khz):
+def set_tsc_khz(vcpu, khz):
     """KVM_SET_TSC_KHZ unless the rate is already this vCPU's; a rate this host cannot give (beyond
     the 250 ppm KVM takes without TSC scaling, vmm/tsc.py) is refused with the reason."""
     from .tsc import rate_problem

@@ -132,10 +132,6 @@ def _symbols(path):
 
 def describe(name):
     """A built-in guest's one-paragraph description (from its source's header comment)."""
-    return _description(name)
-
-
-def _description(name):
     src = SOURCE_DIR / f"{name}.S"
     if src.exists():
         m = re.search(r"/\*\s*(.*?)\s*\*/", src.read_text(), re.S)
@@ -183,5 +179,5 @@ def load(name_or_path):
     if not path.is_file():
         raise GuestError(f"guest {name_or_path!r} is not built ({path} missing): run `make guests`")
     return Image(name_or_path, path.read_bytes(), _symbols(path.with_suffix(".sym")),
-                 _description(name_or_path), requires=REQUIREMENTS.get(name_or_path, ()),
+                 describe(name_or_path), requires=REQUIREMENTS.get(name_or_path, ()),
                  driver=DRIVERS.get(name_or_path))
