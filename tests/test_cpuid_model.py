@@ -2,6 +2,7 @@
 the judge and the baseline follow it. Offline on recorded CPUID, plus the MSR table against this
 host's KVM_GET_MSR_INDEX_LIST."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from vmm import baseline, msr_features
 from vmm.compat import Guest, Host, compare
 from vmm.cpudump import read_cpuid_file
-from vmm.cpuid import FEATURES, REGISTERS, CpuidTable
+from vmm.cpuid import FEATURES, REGISTERS, CpuidEntry, CpuidTable
 from vmm.cpuid_model import (EXACT, FLAGS, MAX, SKIP, UNKNOWN, XSAVE, compare_tables, fields_of,
                              kvm_derived, merge_tables)
 
@@ -123,8 +124,11 @@ def test_baseline_fits_both_hosts_and_a_guest_fits_its_own_host(hosts):
 # --- MSRs gated by guest CPUID ----------------------------------------------------------------------
 def test_the_msr_table_names_real_features():
     for index, feats in msr_features.GATED.items():
-        assert feats and all(f in FEATURES for f in feats), hex(index)
+        assert feats and all(f in FEATURES or f in msr_features.CONDITIONS for f in feats), hex(index)
         assert index not in msr_features.EVERY_GUEST
+    # ranges built from counts must not reach a neighbour (a dict spread would silently overwrite it)
+    assert msr_features.features_of(0xE1) == ("WAITPKG",)
+    assert {0xCE, 0x1A0, 0x1D9} <= set(msr_features.EVERY_GUEST)
 
 
 def test_bndcfgs_needs_mpx_and_tsc_aux_rdtscp_or_rdpid():
@@ -140,6 +144,36 @@ def test_bndcfgs_needs_mpx_and_tsc_aux_rdtscp_or_rdpid():
     assert msr_features.withheld([0xC0000103, 0x10], t) == [0xC0000103]
 
 
+@pytest.mark.parametrize("kernel", ["6.1", "6.12"])
+def test_every_msr_the_recorded_real_kvm_lists_is_in_the_table(kernel):
+    """The MSR index lists of Debian's kvm_amd (probe reports recorded in nested KVM, tests/data): 6.1
+    lists the Intel PMU MSRs, the AMD legacy counters and 27 Hyper-V MSRs besides PVM's. Each is known,
+    and a guest with the CPUID that KVM supports there (no Hyper-V signature, no CPUID leaf 0AH) is
+    not given the Hyper-V or Intel PMU ones; the AMD legacy counters belong to every guest of AMD."""
+    report = json.loads((DATA / f"probe-debian-{kernel}-kvm_amd-tcg.json").read_text())
+    listed = [int(i, 16) for i in report["host"]["msr_index_list"]]
+    unknown = [hex(i) for i in listed if i not in msr_features.GATED and i not in msr_features.EVERY_GUEST]
+    assert unknown == []
+    supported = CpuidTable.from_json(report["host"]["supported_cpuid"])
+    withheld = msr_features.withheld(listed, supported)
+    hyperv = [i for i in listed if 0x40000000 <= i < 0x40000200]
+    assert len(hyperv) >= 20 and set(hyperv) <= set(withheld)
+    assert not set(range(0xC0010000, 0xC0010008)) & set(withheld)
+    if kernel == "6.1":
+        assert {0x309, 0x30A, 0x30B, 0x38D, 0x38E, 0x38F, 0x390, 0x3F1, 0x3F2, 0x600} <= set(withheld)
+    # with the Hyper-V signature and an Intel PMU of version 2, 4 + 3 counters, they are given
+    t = supported.copy()
+    t.put(CpuidEntry(0x40000001, 0, 0, 0x31237648, 0, 0, 0), replace=True)  # "Hv#1"
+    t.put(CpuidEntry(0xA, 0, 0, 0x07300402, 0, 0, 0x603), replace=True)  # v2, 4 GP, 3 fixed
+    given = set(listed) - set(msr_features.withheld(listed, t))
+    assert set(hyperv) <= given
+    if kernel == "6.1":
+        assert {0x309, 0x30A, 0x30B, 0x38D, 0x38E, 0x38F, 0x390} <= given
+        assert {0x3F1, 0x3F2, 0x600} & given == set()  # PEBS and DS_AREA need DS
+    assert msr_features.given(0xC1 + 3, t) and not msr_features.given(0xC1 + 4, t)  # IA32_PMC3, not PMC4
+    assert msr_features.given(0x30B, t) and not msr_features.given(0x30C, t)  # fixed 2, not fixed 3
+
+
 @pytest.mark.kvm
 def test_every_msr_this_hosts_kvm_lists_is_in_the_table(kvm):
     """KVM_GET_MSR_INDEX_LIST here: each MSR is either gated by a CPUID feature or given to every
@@ -150,7 +184,7 @@ def test_every_msr_this_hosts_kvm_lists_is_in_the_table(kvm):
     supported = kvm.supported_cpuid()
     for i in listed:  # the table's features for what KVM lists here are features KVM could give
         feats = msr_features.features_of(i)
-        assert not feats or all(f in FEATURES for f in feats)
+        assert not feats or all(f in FEATURES or f in msr_features.CONDITIONS for f in feats)
     # the guest vmm runs by default carries exactly the listed MSRs its CPUID gives it
     from vmm.guest.machine import Machine
     from vmm import state

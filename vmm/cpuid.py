@@ -109,6 +109,7 @@ FEATURES: dict[str, Feature] = {
     "CMOV": _f(1, 0, "edx", 15),
     "PAT": _f(1, 0, "edx", 16),
     "CLFSH": _f(1, 0, "edx", 19),
+    "DS": _f(1, 0, "edx", 21),  # debug store (IA32_DS_AREA, PEBS)
     "MMX": _f(1, 0, "edx", 23),
     "FXSR": _f(1, 0, "edx", 24),
     "SSE": _f(1, 0, "edx", 25),
@@ -119,6 +120,7 @@ FEATURES: dict[str, Feature] = {
     "PCLMULQDQ": _f(1, 0, "ecx", 1),
     "MONITOR": _f(1, 0, "ecx", 3),
     "VMX": _f(1, 0, "ecx", 5),
+    "SMX": _f(1, 0, "ecx", 6),
     "SSSE3": _f(1, 0, "ecx", 9),
     "FMA": _f(1, 0, "ecx", 12),
     "CX16": _f(1, 0, "ecx", 13),
@@ -148,6 +150,7 @@ FEATURES: dict[str, Feature] = {
     "ERMS": _f(7, 0, "ebx", 9),
     "INVPCID": _f(7, 0, "ebx", 10),
     "RTM": _f(7, 0, "ebx", 11),
+    "INTEL_PT": _f(7, 0, "ebx", 25),
     "MPX": _f(7, 0, "ebx", 14),
     "AVX512F": _f(7, 0, "ebx", 16),
     "AVX512DQ": _f(7, 0, "ebx", 17),
@@ -286,6 +289,8 @@ FEATURES: dict[str, Feature] = {
     "AMD_PSFD": _f(0x80000008, 0, "ebx", 28),
     "BTC_NO": _f(0x80000008, 0, "ebx", 29),
     "AMD_IBPB_RET": _f(0x80000008, 0, "ebx", 30),
+    # CPUID.8000000AH:EDX (AMD APM vol. 3, E.4.9: SVM features)
+    "TSCRATEMSR": _f(0x8000000A, 0, "edx", 4),
     # CPUID.80000022H:EAX
     "PERFMON_V2": _f(0x80000022, 0, "eax", 0),
     # CPUID.80000021H:EAX/ECX (AMD APM vol. 3; Linux cpufeatures.h names)
