@@ -130,12 +130,28 @@ def test_run_imports_only_what_booting_a_guest_needs():
     assert "vmm.guest.runner" in loaded  # the guest really ran
     for heavy in ("vmm.xsave", "vmm.regs", "vmm.probe", "vmm.amx", "vmm.compat", "vmm.state",
                   "vmm.snapshot", "vmm.commands.cpuid", "vmm.commands.xsave", "vmm.commands.probe",
+                  "vmm.guest.elf", "vmm.fastpath", "vmm.cpuid_model", "vmm.msr_features", "vmm.host",
                   "json", "tempfile"):
         assert heavy not in loaded, heavy
     listed = vmm("--help").stdout
     for name in ("amx", "baseline", "caps", "compat", "cpuid", "guest-sdk", "guests", "inspect", "probe",
                  "reg", "restore", "run", "snapshot", "xsave"):
         assert f"\n  {name} " in listed, name
+
+
+def test_importing_the_cli_leaves_the_guest_machinery_unimported():
+    """`import vmm.cli` (what --help, --version and every command pay before they start) imports
+    neither the guest machinery nor a command module; no dataclass is built, no dump regex compiled."""
+    code = ("import sys, vmm.cli\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('vmm') or m == 'dataclasses')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    assert "vmm.cli" in loaded
+    for heavy in ("vmm.guest.machine", "vmm.guest.runner", "vmm.guest.catalog", "vmm.cpuid", "vmm.cstructs",
+                  "vmm.xsave_layout", "vmm.vcpu", "vmm.vm", "vmm.records", "dataclasses"):
+        assert heavy not in loaded, heavy
+    assert not any(m.startswith("vmm.commands.") and m != "vmm.commands.common" for m in loaded), loaded
 
 
 def test_every_command_module_is_in_the_lazy_table():

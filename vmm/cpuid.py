@@ -11,11 +11,14 @@ vol. 3 (leaf 0x80000001).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
+
+from .records import Record
 
 __all__ = [
     "SIGNIFICANT_INDEX",
@@ -58,8 +61,8 @@ class CpuidError(ValueError):
     """A CPUID table could not be read, built or queried."""
 
 
-@dataclass
-class CpuidEntry:
+@dataclass(init=False, repr=False, eq=False)  # cheap to build: vmm/records.py
+class CpuidEntry(Record):
     """One ``struct kvm_cpuid_entry2``."""
 
     function: int
@@ -69,6 +72,10 @@ class CpuidEntry:
     ebx: int
     ecx: int
     edx: int
+
+    def __init__(self, function, index, flags, eax, ebx, ecx, edx):
+        self.function, self.index, self.flags = function, index, flags
+        self.eax, self.ebx, self.ecx, self.edx = eax, ebx, ecx, edx
 
     @property
     def indexed(self) -> bool:
@@ -331,14 +338,17 @@ def _normalize_name(name: str) -> str:
     return name.strip().upper().replace("-", "_").replace(".", "_")
 
 
-_DUMP_LINE = re.compile(
-    r"""^CPUID\s+(?P<leaf>[0-9A-Fa-f]{1,8})\s*:\s*
+# compiled on first use (functools.cache): `vmm run` reads no dump (cold start)
+_DUMP_LINE = r"""^CPUID\s+(?P<leaf>[0-9A-Fa-f]{1,8})\s*:\s*
         (?P<eax>[0-9A-Fa-f]{1,8})-(?P<ebx>[0-9A-Fa-f]{1,8})-
         (?P<ecx>[0-9A-Fa-f]{1,8})-(?P<edx>[0-9A-Fa-f]{1,8})
         (?:\s+\[SL\s+(?P<sub>[0-9A-Fa-f]{1,8})\])?
-        (?:\s+(?P<comment>\[.*))?\s*$""",
-    re.VERBOSE,
-)
+        (?:\s+(?P<comment>\[.*))?\s*$"""
+
+
+@functools.cache
+def _dump_line():
+    return re.compile(_DUMP_LINE, re.VERBOSE)
 
 
 def _key(function: int, index: int, flags: int) -> tuple[int, int]:
@@ -464,7 +474,7 @@ class CpuidTable:
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            m = _DUMP_LINE.match(line)
+            m = _dump_line().match(line)
             if m is None or (m["comment"] or "").startswith("[SL"):  # malformed sub-leaf marker
                 raise CpuidError(f"{source}:{lineno}: not a CPUID dump line: {raw!r}")
             function = int(m["leaf"], 16)

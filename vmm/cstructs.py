@@ -7,6 +7,7 @@ struct's own field list, so no offset is written here.
 from dataclasses import asdict, dataclass, field, fields
 
 from ._bindings import ffi
+from .records import Record
 
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -26,8 +27,10 @@ def _copy_in(c, obj):
         setattr(c, name, getattr(obj, name))
 
 
-@dataclass
-class Regs:
+# Each struct is a dataclass that writes its __init__ out and takes __eq__/__repr__ from Record:
+# `vmm run` imports these, and a generated dataclass costs its import a compile (vmm/records.py)
+@dataclass(init=False, repr=False, eq=False)
+class Regs(Record):
     """struct kvm_regs: the general-purpose registers, RIP and RFLAGS."""
 
     rax: int = 0
@@ -49,6 +52,14 @@ class Regs:
     rip: int = 0
     rflags: int = 0x2
 
+    def __init__(self, rax=0, rbx=0, rcx=0, rdx=0, rsi=0, rdi=0, rsp=0, rbp=0, r8=0, r9=0, r10=0, r11=0,
+                 r12=0, r13=0, r14=0, r15=0, rip=0, rflags=0x2):
+        self.rax, self.rbx, self.rcx, self.rdx, self.rsi, self.rdi, self.rsp, self.rbp = \
+            rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp
+        self.r8, self.r9, self.r10, self.r11, self.r12, self.r13, self.r14, self.r15 = \
+            r8, r9, r10, r11, r12, r13, r14, r15
+        self.rip, self.rflags = rip, rflags
+
     @classmethod
     def from_c(cls, c):
         return cls(*[getattr(c, name) for name in _names(cls)])
@@ -63,8 +74,8 @@ class Regs:
         return {k: hex(v) for k, v in asdict(self).items()}
 
 
-@dataclass
-class Segment:
+@dataclass(init=False, repr=False, eq=False)
+class Segment(Record):
     """struct kvm_segment: one segment register, its hidden part included."""
 
     base: int = 0
@@ -80,6 +91,12 @@ class Segment:
     avl: int = 0
     unusable: int = 0
 
+    def __init__(self, base=0, limit=0, selector=0, type=0, present=0, dpl=0, db=0, s=0, l=0,  # noqa: A002, E741
+                 g=0, avl=0, unusable=0):
+        self.base, self.limit, self.selector, self.type, self.present, self.dpl = \
+            base, limit, selector, type, present, dpl
+        self.db, self.s, self.l, self.g, self.avl, self.unusable = db, s, l, g, avl, unusable
+
     @classmethod
     def from_c(cls, c):
         return cls(*[getattr(c, name) for name in _names(cls)])
@@ -89,12 +106,15 @@ class Segment:
         c.padding = 0
 
 
-@dataclass
-class DTable:
+@dataclass(init=False, repr=False, eq=False)
+class DTable(Record):
     """struct kvm_dtable: GDTR or IDTR."""
 
     base: int = 0
     limit: int = 0
+
+    def __init__(self, base=0, limit=0):
+        self.base, self.limit = base, limit
 
     @classmethod
     def from_c(cls, c):
@@ -107,8 +127,8 @@ class DTable:
 SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
 
-@dataclass
-class Sregs:
+@dataclass(init=False, repr=False, eq=False)
+class Sregs(Record):
     """struct kvm_sregs: segment, descriptor-table and control registers, EFER, APIC base."""
 
     cs: Segment = field(default_factory=Segment)
@@ -129,6 +149,23 @@ class Sregs:
     efer: int = 0
     apic_base: int = 0
     interrupt_bitmap: list = field(default_factory=lambda: [0, 0, 0, 0])
+
+    def __init__(self, cs=None, ds=None, es=None, fs=None, gs=None, ss=None, tr=None, ldt=None, gdt=None,
+                 idt=None, cr0=0, cr2=0, cr3=0, cr4=0, cr8=0, efer=0, apic_base=0, interrupt_bitmap=None):
+        """A field left None is a fresh default (a zero Segment or DTable, a zero bitmap)."""
+        self.cs = Segment() if cs is None else cs
+        self.ds = Segment() if ds is None else ds
+        self.es = Segment() if es is None else es
+        self.fs = Segment() if fs is None else fs
+        self.gs = Segment() if gs is None else gs
+        self.ss = Segment() if ss is None else ss
+        self.tr = Segment() if tr is None else tr
+        self.ldt = Segment() if ldt is None else ldt
+        self.gdt = DTable() if gdt is None else gdt
+        self.idt = DTable() if idt is None else idt
+        self.cr0, self.cr2, self.cr3, self.cr4, self.cr8, self.efer, self.apic_base = \
+            cr0, cr2, cr3, cr4, cr8, efer, apic_base
+        self.interrupt_bitmap = [0, 0, 0, 0] if interrupt_bitmap is None else interrupt_bitmap
 
     @classmethod
     def from_c(cls, c):

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
+from .records import FrozenRecord, Record
+
 if TYPE_CHECKING:
     from .cpuid import CpuidTable
 
@@ -137,8 +139,8 @@ def bits_of(mask: int) -> Iterator[int]:
         i += 1
 
 
-@dataclass(frozen=True)
-class XsaveComponent:
+@dataclass(frozen=True, init=False, repr=False, eq=False)  # cheap to build: vmm/records.py
+class XsaveComponent(FrozenRecord):
     """One XSAVE state component as CPUID.(0DH,index) describes it.
 
     offset is the standard-format offset (0 for supervisor components, which
@@ -154,6 +156,11 @@ class XsaveComponent:
     supervisor: bool = False
     align64: bool = False  # ECX[1]: 64-byte aligned in the compacted format
     xfd: bool = False  # ECX[2]: XFD can make this component fault
+
+    def __init__(self, index, name, size, offset, supervisor=False, align64=False, xfd=False):
+        for k, v in (("index", index), ("name", name), ("size", size), ("offset", offset),
+                     ("supervisor", supervisor), ("align64", align64), ("xfd", xfd)):
+            object.__setattr__(self, k, v)  # frozen
 
     @property
     def mask(self) -> int:
@@ -175,8 +182,8 @@ ARCH_SIZES = {AVX: 256, BNDREGS: 64, BNDCSR: 16, OPMASK: 64, ZMM_HI256: 512, HI1
               PKRU: 8, XTILECFG: 64, XTILEDATA: 8192, APX: 128}
 
 
-@dataclass
-class XsaveLayout:
+@dataclass(init=False, repr=False, eq=False)
+class XsaveLayout(Record):
     """Where each XSAVE component lives; built from CPUID leaf 0xD.
 
     ``unknown`` maps a supported component whose sub-leaf is missing or zero (imperfect dumps) to
@@ -189,6 +196,12 @@ class XsaveLayout:
     xss_supported: int = 0
     unknown: dict = field(default_factory=dict, compare=False)
     warnings: list = field(default_factory=list, compare=False)
+
+    def __init__(self, components, xcr0_supported, xss_supported=0, unknown=None, warnings=None):
+        """`unknown` and `warnings` left None are fresh empty ones."""
+        self.components, self.xcr0_supported, self.xss_supported = components, xcr0_supported, xss_supported
+        self.unknown = {} if unknown is None else unknown
+        self.warnings = [] if warnings is None else warnings
 
     @classmethod
     def from_cpuid(cls, table: CpuidTable) -> "XsaveLayout":

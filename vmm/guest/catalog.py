@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .. import files
 from ..errors import GuestError
-from . import elf, runtime
+from ..records import FrozenRecord, Record
+from . import runtime
 
 PACKAGED_DIR = Path(__file__).resolve().parent / "builtin"
 REPO_DIR = Path(__file__).resolve().parents[2] / "guests"
@@ -28,8 +29,8 @@ def build_dir():
     return SOURCE_DIR if SOURCE_DIR == PACKAGED_DIR else SOURCE_DIR / "build"
 
 
-@dataclass(frozen=True)
-class Requirement:
+@dataclass(frozen=True, init=False, repr=False, eq=False)  # cheap to build: vmm/records.py
+class Requirement(FrozenRecord):
     """What a guest's instructions need from the vCPU: XSAVE components (an XCR0 bit mask) that
     must be enabled, named by the CPUID feature that introduces them. The components decide:
     an instruction of a component the vCPU's XCR0 does not enable raises #UD (SDM vol. 1,
@@ -37,6 +38,11 @@ class Requirement:
     feature: str
     xcr0: int
     hint: str = ""
+
+    def __init__(self, feature, xcr0, hint=""):
+        object.__setattr__(self, "feature", feature)  # frozen
+        object.__setattr__(self, "xcr0", xcr0)
+        object.__setattr__(self, "hint", hint)
 
     def __str__(self):
         return f"{self.feature} (XCR0 {self.xcr0:#x})"
@@ -59,8 +65,8 @@ DRIVERS = {
 }
 
 
-@dataclass
-class Image:
+@dataclass(init=False, repr=False, eq=False)
+class Image(Record):
     """A payload: flat `code` at PAYLOAD_BASE, or ELF `segments` (elf.Segment) with its `entry`."""
     name: str
     code: bytes
@@ -69,6 +75,15 @@ class Image:
     entry: int = runtime.PAYLOAD_BASE
     elf_segments: list = None
     path: str = None
+    requires: tuple = ()
+    driver: str = None  # what drives a guest that waits for its host at each SYNC (DRIVERS)
+
+    def __init__(self, name, code, symbols=None, description="", entry=runtime.PAYLOAD_BASE, elf_segments=None,
+                 path=None, requires=(), driver=None):
+        """`symbols` left None is a fresh empty dict."""
+        self.name, self.code, self.symbols = name, code, {} if symbols is None else symbols
+        self.description, self.entry, self.elf_segments, self.path = description, entry, elf_segments, path
+        self.requires, self.driver = requires, driver
 
     @property
     def segments(self):
@@ -107,8 +122,6 @@ class Image:
                 raise GuestError(f"guest {self.name!r}: {what} 0x{addr:x}..0x{end:x} overlaps the vCPU user "
                                  f"stacks at 0x{stacks[0]:x}..0x{stacks[1]:x}"
                                  + (f" ({vcpus} vCPUs)" if vcpus > 1 else ""))
-    requires: tuple = ()
-    driver: str = None  # what drives a guest that waits for its host at each SYNC (DRIVERS)
 
     def missing(self, xcr0_supported):
         """The requirements that `xcr0_supported` (bit mask of XSAVE components the vCPU can be
@@ -154,6 +167,7 @@ def load_file(path):
         data = files.read_bytes(path, "guest image (flat binary or ELF64)", FILE_LIMIT)
     except files.FileError as e:
         raise GuestError(str(e)) from None
+    from . import elf  # on use: the built-in guests are flat binaries (cold start of `vmm run`)
     p = Path(path)
     name = p.stem or p.name
     if elf.is_elf(data):

@@ -21,7 +21,7 @@ def default_guest_cpuid(kvm, xcr0=None):
     """The guest CPUID a VM gets unless the caller supplies one: KVM's supported CPUID limited to
     `xcr0` (default: everything leaf 0xD lists). KVM requires CPUID.1:ECX.XSAVE for CR4.OSXSAVE,
     and some hosts (PVM) list XSAVE components in leaf 0xD but not the XSAVE bit; we set it then."""
-    supported = kvm.get_supported_cpuid()
+    supported = kvm.supported_cpuid()  # cached per Kvm: _check_requirements read it already
     if xcr0 is None:
         return supported.guest_for_xcr0(supported.xcr0_supported() & ~XCR0_XTILE)
     # an XCR0 asked for, even x87|SSE alone, is one the guest gets: it needs CPUID.1:ECX.XSAVE
@@ -92,7 +92,7 @@ class Machine:
     def _check_requirements(self):
         """Refuse, before any VM exists, a guest whose instructions need XSAVE components this
         host's KVM cannot give (KVM_GET_SUPPORTED_CPUID leaf 0xD; AMX only with --amx)."""
-        supported = (self.amx.guest_cpuid if self.amx else self.kvm.get_supported_cpuid()).xcr0_supported()
+        supported = (self.amx.guest_cpuid if self.amx else self.kvm.supported_cpuid()).xcr0_supported()
         if not self.amx:
             supported &= ~XCR0_XTILE
         missing = self.image.missing(supported)

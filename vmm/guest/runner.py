@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from .._bindings import ffi, lib
 from ..errors import GuestInterrupted, KvmError
 from ..kvm import is_pvm
+from ..records import Record
 from . import ports
 
 EXCEPTION_NAMES = {0: "DE", 1: "DB", 2: "NMI", 3: "BP", 4: "OF", 5: "BR", 6: "UD", 7: "NM", 8: "DF",
@@ -13,13 +14,16 @@ EXCEPTION_NAMES = {0: "DE", 1: "DB", 2: "NMI", 3: "BP", 4: "OF", 5: "BR", 6: "UD
                    19: "XM", 20: "VE", 21: "CP"}
 
 
-@dataclass
-class Event:
+@dataclass(init=False, repr=False, eq=False)  # cheap to build: vmm/records.py
+class Event(Record):
     """Something the caller of the run loop must see, from vCPU `vcpu`."""
 
     vcpu: int = 0
 
     kind = "event"
+
+    def __init__(self, vcpu=0):
+        self.vcpu = vcpu
 
     def to_json(self):
         d = {"event": self.kind}
@@ -29,18 +33,21 @@ class Event:
         return d
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class Sync(Event):
     """The guest wrote `value` to the SYNC port (0x500): a sync point."""
 
     value: int = 0
     kind = "sync"
 
+    def __init__(self, vcpu=0, value=0):
+        self.vcpu, self.value = vcpu, value
+
     def __str__(self):
         return f"sync 0x{self.value:x}"
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class Done(Event):
     """The guest reported that it finished (port 0x501)."""
 
@@ -50,26 +57,33 @@ class Done(Event):
         return "done"
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class Fail(Event):
     """The guest reported a failure `code` (port 0x502)."""
 
     code: int = 0
     kind = "fail"
 
+    def __init__(self, vcpu=0, code=0):
+        self.vcpu, self.code = vcpu, code
+
     def __str__(self):
         return f"fail 0x{self.code:x}"
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class Fault(Event):
     """An exception delivered to the runtime's CPL0 stub (the guest is stopped in the stub)."""
+
     vector: int = 0
     error_code: int = 0
     rip: int = 0
     cs: int = 0
     rsp: int = 0
     kind = "fault"
+
+    def __init__(self, vcpu=0, vector=0, error_code=0, rip=0, cs=0, rsp=0):
+        self.vcpu, self.vector, self.error_code, self.rip, self.cs, self.rsp = vcpu, vector, error_code, rip, cs, rsp
 
     @property
     def name(self):
@@ -80,7 +94,7 @@ class Fault(Event):
         return f"fault {self.name} at 0x{self.rip:x} (cpl {self.cs & 3}){ec}"
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class Mmio(Event):
     """An access to guest-physical memory no slot backs (KVM_EXIT_MMIO)."""
 
@@ -91,25 +105,32 @@ class Mmio(Event):
     rip: int = 0
     kind = "mmio"
 
+    def __init__(self, vcpu=0, address=0, is_write=False, len=0, data=0, rip=0):  # noqa: A002 (kvm_run's name)
+        self.vcpu, self.address, self.is_write, self.len, self.data, self.rip = vcpu, address, is_write, len, data, rip
+
     def __str__(self):
         op = "write" if self.is_write else "read"
         return f"mmio {op} of {self.len} bytes at 0x{self.address:x} (rip 0x{self.rip:x})"
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class Hlt(Event):
     """HLT with no in-kernel LAPIC to wait in (KVM_EXIT_HLT)."""
 
     rip: int = 0
     kind = "hlt"
 
+    def __init__(self, vcpu=0, rip=0):
+        self.vcpu, self.rip = vcpu, rip
+
     def __str__(self):
         return f"hlt at 0x{self.rip:x}"
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class Shutdown(Event):
     """Triple fault: the vCPU shut down. Registers as KVM left them."""
+
     rip: int = 0
     rsp: int = 0
     cr0: int = 0
@@ -118,11 +139,14 @@ class Shutdown(Event):
     cpl: int = 0
     kind = "shutdown"
 
+    def __init__(self, vcpu=0, rip=0, rsp=0, cr0=0, cr3=0, cr4=0, cpl=0):
+        self.vcpu, self.rip, self.rsp, self.cr0, self.cr3, self.cr4, self.cpl = vcpu, rip, rsp, cr0, cr3, cr4, cpl
+
     def __str__(self):
         return f"shutdown (triple fault) rip 0x{self.rip:x} cpl {self.cpl}"
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class InternalError(Event):
     """KVM_EXIT_INTERNAL_ERROR: KVM could not go on (e.g. an instruction it cannot emulate)."""
 
@@ -133,6 +157,9 @@ class InternalError(Event):
     hint: str = ""
     kind = "internal-error"
 
+    def __init__(self, vcpu=0, suberror=0, rip=0, cpl=0, insn="", hint=""):
+        self.vcpu, self.suberror, self.rip, self.cpl, self.insn, self.hint = vcpu, suberror, rip, cpl, insn, hint
+
     def __str__(self):
         s = f"internal error (suberror {self.suberror}) at 0x{self.rip:x}"
         if self.insn:
@@ -140,7 +167,7 @@ class InternalError(Event):
         return s + (f"; {self.hint}" if self.hint else "")
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class FailEntry(Event):
     """KVM_EXIT_FAIL_ENTRY: the hardware refused to enter the guest."""
 
@@ -148,11 +175,14 @@ class FailEntry(Event):
     cpu: int = 0
     kind = "fail-entry"
 
+    def __init__(self, vcpu=0, reason=0, cpu=0):
+        self.vcpu, self.reason, self.cpu = vcpu, reason, cpu
+
     def __str__(self):
         return f"entry failed: hardware reason 0x{self.reason:x} on cpu {self.cpu}"
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class Timeout(Event):
     """The run's wall-clock limit passed after `seconds`; the guest was at `rip`."""
 
@@ -160,17 +190,23 @@ class Timeout(Event):
     rip: int = 0
     kind = "timeout"
 
+    def __init__(self, vcpu=0, seconds=0.0, rip=0):
+        self.vcpu, self.seconds, self.rip = vcpu, seconds, rip
+
     def __str__(self):
         return f"timeout after {self.seconds:.2f} s (rip 0x{self.rip:x})"
 
 
-@dataclass
+@dataclass(init=False, repr=False, eq=False)
 class Unhandled(Event):
     """An exit this run loop does not handle."""
 
     exit_reason: int = 0
     detail: str = ""
     kind = "unhandled"
+
+    def __init__(self, vcpu=0, exit_reason=0, detail=""):
+        self.vcpu, self.exit_reason, self.detail = vcpu, exit_reason, detail
 
     def __str__(self):
         return f"unhandled exit {self.exit_reason}{': ' + self.detail if self.detail else ''}"

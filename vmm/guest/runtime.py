@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from ..cstructs import DTable, Regs, Segment, Sregs
+from ..records import Record
 
 GDT_BASE = 0x1000
 IDT_BASE = 0x2000
@@ -90,16 +91,19 @@ def build_page_tables(mem_size):
     pml4 = struct.pack("<Q", PDPT_BASE | flags) + bytes(4088)
     pdpt = b"".join(struct.pack("<Q", (PD_BASE + 0x1000 * i) | flags) for i in range(gib))
     pdpt += bytes(4096 - len(pdpt))
-    pds = b"".join(struct.pack("<Q", ((i << 21) | flags | PTE_PS)) for i in range(512 * gib))
+    pds = struct.pack(f"<{512 * gib}Q", *range(flags | PTE_PS, (512 * gib) << 21, 1 << 21))  # entry i: i << 21 | flags
     return pml4, pdpt, pds
 
 
-@dataclass
-class EntryState:
+@dataclass(init=False, repr=False, eq=False)  # cheap to build: vmm/records.py
+class EntryState(Record):
     """The registers a vCPU starts the payload with."""
 
     regs: Regs
     sregs: Sregs
+
+    def __init__(self, regs, sregs):
+        self.regs, self.sregs = regs, sregs
 
 
 def _seg(selector, code, dpl):
