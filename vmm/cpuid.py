@@ -10,7 +10,6 @@ vol. 3 (leaf 0x80000001).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import re
@@ -422,7 +421,7 @@ class CpuidTable:
             self.put(e)
 
     def copy(self) -> "CpuidTable":
-        return CpuidTable(dataclasses.replace(e) for e in self._entries)
+        return CpuidTable(CpuidEntry(*e.as_tuple()) for e in self._entries)  # not dataclasses.replace: 10x slower
 
     def with_apic_id(self, apic_id: int) -> "CpuidTable":
         """A copy for the vCPU with this APIC ID: CPUID.1:EBX[31:24] and the x2APIC ID in EDX of
