@@ -7,8 +7,6 @@ import time
 
 import click
 
-from . import kvm as kvm_mod
-
 from .commands import LazyGroup
 from .commands.common import (EXIT_STATUS_HELP, GuestArg, _emit, amx_option, device_option, exit_for_event, memory_option,
                               handle_errors, json_option, run_main, timeout_option)
@@ -76,6 +74,7 @@ def run(guest, timeout, cpl, memory_mib, cpu_file, args, amx, device, as_json):
 @handle_errors
 def caps(device, as_json):
     """KVM API version, the capabilities vmm uses, CAP_XSAVE2, MSR list size, PVM or not."""
+    from . import kvm as kvm_mod
     with kvm_mod.Kvm(device) as k:
         caps = k.caps()
         with k.create_vm() as vm:

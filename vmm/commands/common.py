@@ -8,7 +8,6 @@ import time
 
 import click
 
-from .. import kvm as kvm_mod
 from ..errors import VmmError
 
 # The exit status scheme, the same for every command (README "Exit status"; `vmm --help`).
@@ -151,7 +150,10 @@ def run_main(group, argv=None):
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
-device_option = click.option("--device", default=kvm_mod.DEFAULT_DEVICE, show_default=True,
+# vmm.kvm.DEFAULT_DEVICE (tests/test_cli.py), written out: importing vmm.kvm here would load the cffi
+# bindings (and ctypes, for ioctl-opt) before every command, --help and --version too
+DEFAULT_DEVICE = "/dev/kvm"
+device_option = click.option("--device", default=DEFAULT_DEVICE, show_default=True,
                              help="KVM device node.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 class Seconds(click.FloatRange):
