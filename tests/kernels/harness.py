@@ -6,7 +6,8 @@ answered by that kernel's upstream KVM code (real CPL0 execution, XCR0 enforced,
 For each kernel series this script:
 
 1. takes the newest Debian package of the series with `apt-get download` (no install on this host) and
-   unpacks it with `dpkg-deb -x` under build/kernels/ (cached; versions recorded in versions.json);
+   unpacks it with `dpkg-deb -x` into a cache that outlives the checkout (VMM_KERNELS_CACHE, default
+   ~/.cache/vmm-kernels; versions recorded in versions.json there and beside the results);
 2. builds an initramfs: busybox-static, the modules kvm_amd (or kvm_intel), 9p, 9pnet_virtio,
    virtio_pci, overlay and their dependencies (resolved with depmod/modprobe --show-depends), and
    tests/kernels/init.sh as /init;
@@ -23,6 +24,7 @@ whose "tigerlake" model has VMX) is not a target yet.
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -37,7 +39,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-BUILD = ROOT / "build" / "kernels"
+# downloads, unpacked packages and initramfs images persist across checkouts (a fresh clone, as CI
+# makes, would otherwise fetch ~150 MB again); per-run results stay in the checkout
+CACHE = Path(os.environ.get("VMM_KERNELS_CACHE")
+             or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vmm-kernels")
+RESULTS = ROOT / "build" / "kernels" / "results"
 
 # series -> `apt-cache search --names-only` pattern of Debian bookworm's (signed) kernel image packages
 SERIES = {
@@ -53,8 +59,12 @@ class HarnessError(Exception):
     """The harness could not do its job (not a test failure): a one-line reason and what to do."""
 
 
-def log(msg):
-    print(f"[test-kernels] {msg}", flush=True)
+_print_lock = threading.Lock()
+
+
+def log(msg, who=""):
+    with _print_lock:
+        print(f"[test-kernels{' ' + who if who else ''}] {msg}", flush=True)
 
 
 def run(cmd, timeout, **kw):
@@ -123,8 +133,8 @@ def newest_package(pattern):
 
 
 def fetch_package(name):
-    """Download NAME (cached in build/kernels/debs) and unpack it; returns (unpacked root, version)."""
-    debs = BUILD / "debs"
+    """Download NAME (cached in CACHE/debs) and unpack it; returns (unpacked root, version)."""
+    debs = CACHE / "debs"
     debs.mkdir(parents=True, exist_ok=True)
     found = sorted(debs.glob(f"{name}_*.deb"))
     if not found:
@@ -135,7 +145,7 @@ def fetch_package(name):
             raise HarnessError(f"apt-get download {name} left no {name}_*.deb in {debs}")
     deb = found[-1]
     version = run(["dpkg-deb", "-f", str(deb), "Version"], 60).strip()
-    root = BUILD / "pkgs" / f"{name}_{version}"
+    root = CACHE / "pkgs" / f"{name}_{version}"
     if not (root / ".unpacked").exists():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
@@ -191,9 +201,9 @@ def _decompress(src, dst):
 
 
 def build_initramfs(kernel, kvm_module, busybox):
-    """build/kernels/<release>/initrd-<module>.cpio.gz: busybox, the modules (decompressed, depmod'ed
+    """CACHE/<release>/initrd-<module>.cpio.gz: busybox, the modules (decompressed, depmod'ed
     in place) and init.sh as /init."""
-    out_dir = BUILD / kernel.release
+    out_dir = CACHE / kernel.release
     tree = out_dir / f"initramfs-{kvm_module}"
     shutil.rmtree(tree, ignore_errors=True)
     for d in ("bin", "dev", "proc", "sys", "tmp"):
@@ -231,8 +241,8 @@ def build_initramfs(kernel, kvm_module, busybox):
 class ConsoleRun:
     """A VM process whose serial console (stdout) is logged with host timestamps; markers are timed."""
 
-    def __init__(self, cmd, log_path, deadline_s, echo=False):
-        self.cmd, self.log_path, self.deadline_s, self.echo = cmd, log_path, deadline_s, echo
+    def __init__(self, cmd, log_path, deadline_s, echo=False, who=""):
+        self.cmd, self.log_path, self.deadline_s, self.echo, self.who = cmd, log_path, deadline_s, echo, who
         self.marks = []  # (seconds since start, marker text)
         self.timed_out = False
 
@@ -253,7 +263,7 @@ class ConsoleRun:
                     if i >= 0:
                         text = line[i + len(MARK):].strip()
                         self.marks.append((t, text))
-                        log(f"{t:7.1f} s  {text}")
+                        log(f"{t:7.1f} s  {text}", self.who)
                     elif self.echo:
                         print(line, flush=True)
                 proc.wait(timeout=60)
@@ -267,7 +277,7 @@ class ConsoleRun:
 
     def _expire(self, proc):
         self.timed_out = True
-        log(f"deadline of {self.deadline_s} s reached: killing the VM (pid {proc.pid})")
+        log(f"deadline of {self.deadline_s} s reached: killing the VM (pid {proc.pid})", self.who)
         proc.kill()
 
     def first(self, prefix):
@@ -521,10 +531,16 @@ def check_project():
         raise HarnessError("pytest-timeout is missing from .venv: run `make dev`") from None
 
 
-def run_kernel(series, args, busybox):
+def prepare_kernel(series, busybox):
+    """The kernel package and its initramfs (downloads and builds, so run these one at a time)."""
     kernel = Kernel(series)
-    initrd = build_initramfs(kernel, "kvm_amd", busybox)
-    results = BUILD / "results" / f"{series}-kvm_amd"
+    return kernel, build_initramfs(kernel, "kvm_amd", busybox)
+
+
+def run_kernel(series, kernel, initrd, args):
+    """Boot one kernel, run the steps inside, judge; returns (report, problems). Prints nothing but
+    progress lines, so several can run at once."""
+    results = RESULTS / f"{series}-kvm_amd"
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
     (results / "run.env").write_text(
@@ -534,8 +550,8 @@ def run_kernel(series, args, busybox):
         f"CMD={shlex.quote(args.cmd)}\n")
     cmd = qemu_command(kernel, initrd, results, args.memory)
     log(f"Linux {kernel.release} ({kernel.package} {kernel.version}) under QEMU TCG; "
-        f"console log {results / 'console.log'}")
-    console = ConsoleRun(cmd, results / "console.log", args.deadline, echo=args.verbose)
+        f"console log {results / 'console.log'}", series)
+    console = ConsoleRun(cmd, results / "console.log", args.deadline, echo=args.verbose, who=series)
     rc = console.run()
     report = {"series": series, "package": kernel.package, "version": kernel.version,
               "release": kernel.release, "vm": "QEMU TCG -cpu max, kvm_amd", "qemu_exit": rc}
@@ -547,12 +563,11 @@ def run_kernel(series, args, busybox):
     problems = judge(series, results, console, report)
     report["problems"] = problems
     (results / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
-    print_report(series, report, problems)
     if args.save_probe and (results / "probe.json").exists():
         dest = ROOT / "tests" / "data" / f"probe-debian-{series}-kvm_amd-tcg.json"
         shutil.copyfile(results / "probe.json", dest)
-        log(f"probe report saved as {dest.relative_to(ROOT)}")
-    return problems
+        log(f"probe report saved as {dest.relative_to(ROOT)}", series)
+    return report, problems
 
 
 def main(argv=None):
@@ -566,10 +581,12 @@ def main(argv=None):
     ap.add_argument("--test-timeout", type=int, default=300, help="seconds for each test (pytest-timeout)")
     ap.add_argument("--probe-timeout", type=int, default=600, help="seconds for vmm probe")
     ap.add_argument("--guest-timeout", type=int, default=30, help="--timeout of each vmm run")
-    ap.add_argument("--deadline", type=int, default=2400, help="seconds for the whole VM of one kernel")
+    ap.add_argument("--deadline", type=int, default=3600, help="seconds for the whole VM of one kernel")
     ap.add_argument("--memory", type=int, default=3072, help="VM RAM in MiB")
     ap.add_argument("--save-probe", action="store_true",
                     help="copy each probe report to tests/data/probe-debian-SERIES-kvm_amd-tcg.json")
+    ap.add_argument("--jobs", type=int, default=0,
+                    help="kernels booted at once (default: one per CPU, at most one per kernel)")
     ap.add_argument("--verbose", action="store_true", help="echo the VM's console")
     args = ap.parse_args(argv)
     args.steps = args.steps.split()
@@ -582,14 +599,21 @@ def main(argv=None):
         busybox_root, bb_version = fetch_package("busybox-static")
         busybox = busybox_root / "bin" / "busybox"
         versions = {"qemu-system-x86": dpkg_version("qemu-system-x86"), "busybox-static": bb_version}
+        kernels = args.kernel or sorted(SERIES, key=_version_key)
+        prepared = {series: prepare_kernel(series, busybox) for series in kernels}
+        jobs = max(1, min(args.jobs or os.cpu_count() or 1, len(kernels)))
+        log(f"booting {', '.join(kernels)} ({jobs} at a time; each VM has one vCPU)")
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            futures = {series: pool.submit(run_kernel, series, *prepared[series], args) for series in kernels}
+            outcomes = {series: f.result() for series, f in futures.items()}
         failed = {}
-        for series in args.kernel or sorted(SERIES, key=_version_key):
-            problems = run_kernel(series, args, busybox)
-            k = json.loads((BUILD / "results" / f"{series}-kvm_amd" / "summary.json").read_text())
-            versions[k["package"]] = k["version"]
+        for series, (report, problems) in outcomes.items():
+            print_report(series, report, problems)
+            versions[report["package"]] = report["version"]
             if problems:
                 failed[series] = len(problems)
-        (BUILD / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
+        for d in (CACHE, RESULTS):
+            (d / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
     except HarnessError as e:
         print(f"test-kernels: error: {e}", file=sys.stderr)
         return 2

@@ -50,8 +50,12 @@ for s in $STEPS; do
         mkdir -p "$R/pytest"
         for f in tests/test_*.py; do
             n=$(basename "$f" .py)
+            case $n in
             # hundreds of vmm processes, each seconds to start under TCG: the host runs the CLI fuzz
-            [ "$n" = test_cli_fuzz ] && continue
+            test_cli_fuzz) continue ;;
+            # pip builds a wheel in a fresh venv, fetching setuptools from PyPI: the VM has no network
+            test_install) continue ;;
+            esac
             step "pytest/$n" "$PYTEST_TIMEOUT" $PYTEST -m "not amx" \
                 --timeout "$TEST_TIMEOUT" --junitxml "$R/pytest/$n.xml" $PYTEST_ARGS "$f"
         done ;;
