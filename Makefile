@@ -37,9 +37,10 @@ test-amx: dev guests
 	VMM_REQUIRE_AMX=1 $(PY) -m pytest -q -m amx tests
 
 # the suite on ordinary KVM: Debian's 6.1 and 6.12 kernels booted under QEMU TCG load kvm_amd and run
-# vmm probe, every guest at CPL3 and CPL0 and pytest inside (root and apt needed; tests/kernels/harness.py)
+# vmm probe, every guest at CPL3 and CPL0 and pytest inside (root and apt needed; tests/kernels/harness.py);
+# INTEL=1 adds 6.12 with kvm_intel under Bochs 3.0, built from ../shared/vendor (tests/kernels/bochs.py)
 test-kernels: dev guests
-	$(PY) tests/kernels/harness.py $(KERNELS_ARGS)
+	$(PY) tests/kernels/harness.py $(if $(filter 1,$(INTEL)),--intel) $(KERNELS_ARGS)
 
 # one table measured in one run (bench/bench.py; --json for machines: make bench BENCH_ARGS=--json)
 bench: dev guests

@@ -19,8 +19,8 @@ For each kernel series this script:
    kernel the boot time, the run time, pytest's counts with skip reasons and failures, and the probe
    verdicts, and exits 1 if anything failed (2 if the harness itself could not run).
 
-Times are taken on the host (the guest clock is not trusted under emulation). kvm_intel (Bochs 3.0,
-whose "tigerlake" model has VMX) is not a target yet.
+Times are taken on the host (the guest clock is not trusted under emulation). With --intel
+(`make test-kernels INTEL=1`) Linux 6.12 with kvm_intel under Bochs 3.0 follows (tests/kernels/bochs.py).
 """
 
 import argparse
@@ -36,6 +36,8 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import bochs
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -208,9 +210,9 @@ def _decompress(src, dst):
         raise HarnessError(f"{' '.join(cmd)} failed: {r.stderr.decode(errors='replace').strip()}")
 
 
-def build_initramfs(kernel, kvm_module, busybox):
-    """CACHE/<release>/initrd-<module>.cpio.gz: busybox, the modules (decompressed, depmod'ed
-    in place) and init.sh as /init."""
+def build_initramfs(kernel, kvm_module, busybox, modules=COMMON_MODULES):
+    """CACHE/<release>/initrd-<module>.cpio.gz: busybox, KVM_MODULE and MODULES (decompressed,
+    depmod'ed in place) and init.sh as /init."""
     out_dir = CACHE / kernel.release
     tree = out_dir / f"initramfs-{kvm_module}"
     shutil.rmtree(tree, ignore_errors=True)
@@ -218,7 +220,7 @@ def build_initramfs(kernel, kvm_module, busybox):
         (tree / d).mkdir(parents=True)
     shutil.copy2(busybox, tree / "bin" / "busybox")
     shutil.copy2(HERE / "init.sh", tree / "init")
-    modules = [kvm_module, *COMMON_MODULES]
+    modules = [kvm_module, *modules]
     dest_tree = tree / "lib" / "modules" / kernel.release
     for src in kernel.module_files(modules):
         rel = os.path.relpath(src, kernel.modtree)
@@ -398,6 +400,16 @@ def verbose_counts(path):
     return res
 
 
+def xsave_layout(cpuid):
+    """`vmm cpuid --json` (KVM_GET_SUPPORTED_CPUID) -> {component: "size@offset"} for each XSAVE
+    component above SSE that KVM supports: CPUID.(0DH, i).EAX = size, EBX = standard-format offset."""
+    leaf_d = {int(e["index"], 0): e for e in cpuid["entries"] if int(e["function"], 0) == 0xD}
+    xcr0 = int(leaf_d[0]["eax"], 16) | int(leaf_d[0]["edx"], 16) << 32
+    from vmm.xsave_layout import XFEATURE_NAMES  # the harness runs on the project's venv
+    return {XFEATURE_NAMES.get(i, str(i)): f"{int(leaf_d[i]['eax'], 16)}@{int(leaf_d[i]['ebx'], 16)}"
+            for i in range(2, 64) if xcr0 >> i & 1 and i in leaf_d}
+
+
 def judge(series, results, console, report):
     """Adds the findings of one kernel's run to REPORT; returns the list of problems (empty = pass)."""
     problems = []
@@ -408,6 +420,10 @@ def judge(series, results, console, report):
             problems.append(f"inside the VM: {m}")
     if console.first("finished") is None and not problems:
         problems.append("the VM stopped before the run finished (see the console log)")
+    ended = {m.split()[1] for t, m in console.marks if m.startswith("step-end ")}
+    for t, m in console.marks:
+        if m.startswith("step-start ") and m.split()[1] not in ended:
+            problems.append(f"step {m.split()[1]} did not end (started {t:.0f} s into the VM)")
     steps = {}
     if (results / "steps.tsv").exists():
         for ln in (results / "steps.tsv").read_text().splitlines():
@@ -425,6 +441,11 @@ def judge(series, results, console, report):
         if "caps" in steps:
             problems.append("vmm caps gave no JSON")
     report["kvm"] = {k: caps.get(k) for k in ("kernel", "supported_xcr0", "pvm") if k in caps}
+    if "cpuid" in steps:
+        try:
+            report["xsave_layout"] = xsave_layout(json.loads((results / "cpuid.out").read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            problems.append(f"vmm cpuid gave no usable JSON ({e})")
 
     probe = None
     if "probe" in steps:
@@ -496,12 +517,17 @@ def print_report(series, report, problems):
     if report.get("kvm"):
         k = report["kvm"]
         print(f"KVM               supported XCR0 {k.get('supported_xcr0')}, pvm {k.get('pvm')}")
+    if report.get("xsave_layout"):
+        print("XSAVE layout      " + ", ".join(f"{i}: {v}" for i, v in report["xsave_layout"].items())
+              + "  (component: size@offset, CPUID.(0DH,i) of KVM_GET_SUPPORTED_CPUID)")
     for step, secs in sorted(report.get("step_s", {}).items()):
         if not step.startswith(("guests/", "pytest/")):
             print(f"  step {step:<12} {secs:7.1f} s  exit {report['steps'].get(step)}")
     files = {k: v for k, v in report.get("step_s", {}).items() if k.startswith("pytest/")}
     if files:
         print(f"  step pytest      {sum(files.values()):7.1f} s  ({len(files)} processes, one per test file)")
+    for what, why in report.get("not_run", {}).items():
+        print(f"not run           {what}: {why}")
     if "probe" in report:
         print(f"probe             {report.get('probe_summary')}")
         for name, (status, verdict) in report["probe"].items():
@@ -539,6 +565,31 @@ def check_project():
         raise HarnessError("pytest-timeout is missing from .venv: run `make dev`") from None
 
 
+def run_env(args, **override):
+    """The text of run.env, which tells inner.sh what to run: args' settings, each replaceable by
+    OVERRIDE (steps, test_timeout; pytest_files and skip_guests have no default)."""
+    v = {"steps": " ".join(args.steps), "pytest_args": args.pytest_args, "pytest_timeout": args.pytest_timeout,
+         "test_timeout": args.test_timeout, "probe_timeout": args.probe_timeout,
+         "guest_timeout": args.guest_timeout, "cmd": args.cmd, **override}
+    return f"PROJECT={shlex.quote(str(ROOT))}\n" + "".join(f"{k.upper()}={shlex.quote(str(x))}\n" for k, x in v.items())
+
+
+def finish_run(series, kernel, vm, results, console, rc):
+    """The report of one VM run that has ended (judged from RESULTS), also saved as summary.json, and
+    its problems."""
+    report = {"series": series, "package": kernel.package, "version": kernel.version,
+              "release": kernel.release, "vm": vm, "vm_exit": rc}
+    ready, done = console.first("kvm-ready"), console.first("finished")
+    report["boot_s"] = ready
+    report["run_s"] = (done or console.seconds) - (ready or 0)
+    report["vm_s"] = console.seconds
+    report["step_s"] = console.step_times()
+    problems = judge(series, results, console, report)
+    report["problems"] = problems
+    (results / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report, problems
+
+
 def prepare_kernel(series, busybox):
     """The kernel package and its initramfs (downloads and builds, so run these one at a time)."""
     kernel = Kernel(series)
@@ -551,30 +602,30 @@ def run_kernel(series, kernel, initrd, args):
     results = RESULTS / f"{series}-kvm_amd"
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
-    (results / "run.env").write_text(
-        f"PROJECT='{ROOT}'\nSTEPS='{' '.join(args.steps)}'\nPYTEST_ARGS='{args.pytest_args}'\n"
-        f"PYTEST_TIMEOUT={args.pytest_timeout}\nTEST_TIMEOUT={args.test_timeout}\n"
-        f"PROBE_TIMEOUT={args.probe_timeout}\nGUEST_TIMEOUT={args.guest_timeout}\n"
-        f"CMD={shlex.quote(args.cmd)}\n")
+    (results / "run.env").write_text(run_env(args))
     cmd = qemu_command(kernel, initrd, results, args.memory)
     log(f"Linux {kernel.release} ({kernel.package} {kernel.version}) under QEMU TCG; "
         f"console log {results / 'console.log'}", series)
     console = ConsoleRun(cmd, results / "console.log", args.deadline, echo=args.verbose, who=series)
     rc = console.run()
-    report = {"series": series, "package": kernel.package, "version": kernel.version,
-              "release": kernel.release, "vm": "QEMU TCG -cpu max, kvm_amd", "qemu_exit": rc}
-    ready, done = console.first("kvm-ready"), console.first("finished")
-    report["boot_s"] = ready
-    report["run_s"] = (done or console.seconds) - (ready or 0)
-    report["vm_s"] = console.seconds
-    report["step_s"] = console.step_times()
-    problems = judge(series, results, console, report)
-    report["problems"] = problems
-    (results / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    report, problems = finish_run(series, kernel, "QEMU TCG -cpu max, kvm_amd", results, console, rc)
     if args.save_probe and (results / "probe.json").exists():
         dest = ROOT / "tests" / "data" / f"probe-debian-{series}-kvm_amd-tcg.json"
         shutil.copyfile(results / "probe.json", dest)
         log(f"probe report saved as {dest.relative_to(ROOT)}", series)
+    return report, problems
+
+
+def run_intel(args, target):
+    """The kvm_intel run under Bochs (tests/kernels/bochs.py), judged and printed as the others."""
+    results = RESULTS / f"{bochs.SERIES}-kvm_intel"
+    shutil.rmtree(results, ignore_errors=True)
+    results.mkdir(parents=True)
+    console, rc = bochs.run(sys.modules[__name__], target, args, results)
+    report, problems = finish_run(bochs.SERIES, target.kernel, f"Bochs 3.0 cpu {bochs.CPU_MODEL}, kvm_intel",
+                                  results, console, rc)
+    report["not_run"] = bochs.not_run(args)
+    print_report(bochs.SERIES, report, problems)
     return report, problems
 
 
@@ -596,6 +647,7 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=0,
                     help="kernels booted at once (default: one per CPU, at most one per kernel)")
     ap.add_argument("--verbose", action="store_true", help="echo the VM's console")
+    bochs.add_arguments(ap)
     args = ap.parse_args(argv)
     args.steps = args.steps.split()
     t0 = time.monotonic()
@@ -607,19 +659,29 @@ def main(argv=None):
         busybox_root, bb_version = fetch_package("busybox-static")
         busybox = busybox_root / "bin" / "busybox"
         versions = {"qemu-system-x86": dpkg_version("qemu-system-x86"), "busybox-static": bb_version}
-        kernels = args.kernel or sorted(SERIES, key=_version_key)
+        kernels = [] if args.no_amd else args.kernel or sorted(SERIES, key=_version_key)
         prepared = {series: prepare_kernel(series, busybox) for series in kernels}
-        jobs = max(1, min(args.jobs or os.cpu_count() or 1, len(kernels)))
-        log(f"booting {', '.join(kernels)} ({jobs} at a time; each VM has one vCPU)")
-        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            futures = {series: pool.submit(run_kernel, series, *prepared[series], args) for series in kernels}
-            outcomes = {series: f.result() for series, f in futures.items()}
+        intel = None
+        if args.intel:  # built before any VM boots: a Bochs build takes minutes
+            intel, intel_versions = bochs.prepare(sys.modules[__name__], args, busybox, CACHE)
+            versions.update(intel_versions)
+        outcomes = {}
+        if kernels:
+            jobs = max(1, min(args.jobs or os.cpu_count() or 1, len(kernels)))
+            log(f"booting {', '.join(kernels)} ({jobs} at a time; each VM has one vCPU)")
+            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+                futures = {series: pool.submit(run_kernel, series, *prepared[series], args) for series in kernels}
+                outcomes = {series: f.result() for series, f in futures.items()}
         failed = {}
         for series, (report, problems) in outcomes.items():
             print_report(series, report, problems)
             versions[report["package"]] = report["version"]
             if problems:
                 failed[series] = len(problems)
+        if intel:  # after the AMD VMs: the cores are theirs until then
+            report, problems = run_intel(args, intel)
+            if problems:
+                failed[f"{bochs.SERIES} kvm_intel"] = len(problems)
         for d in (CACHE, RESULTS):
             (d / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
     except HarnessError as e:
