@@ -53,9 +53,9 @@ def find_tarball(h, root, override=None):
     if not found:
         raise h.HarnessError(
             f"no {TARBALL_GLOB} in {vendor}: the Intel target builds Bochs 3.0 from that tarball, which no "
-            f"package registry has. Put bochs-3.0.devel-783b58fd.tar.xz (see ../shared/vendor/README.md "
-            f"of the project's shared directory) there, or name it with --bochs-tarball PATH or "
-            f"VMM_BOCHS_TARBALL=PATH")
+            f"package registry has. Copy bochs-3.0.devel-783b58fd.tar.xz there (from the project's shared "
+            f"vendor directory, whose README has the configure line), or name it with --bochs-tarball PATH "
+            f"or VMM_BOCHS_TARBALL=PATH")
     return found[-1]
 
 
@@ -318,7 +318,7 @@ debug: action=ignore
 
 
 SERIES = "6.12"  # 6.1 prints nothing on the console under Bochs (stops after "LSM: Security Framework")
-# the pytest subset (Python runs ~110x slower than on the host there): the XSAVE tests against KVM
+# the pytest subset (Python runs 25-70 times slower than on the host there): the XSAVE tests against KVM
 # and the AVX-512 guest's, the ones whose answers depend on the Intel layout
 PYTEST_FILES = "tests/test_xsave_kvm.py tests/test_guests.py::test_avx512_guest_syncs_at_cpl3_with_its_patterns"
 
@@ -334,7 +334,7 @@ def not_run(args):
     """What the Intel run leaves out, and why."""
     out = {f"vmm run {g}": why for g, why in SKIP_GUESTS.items() if "guests" in args.intel_steps.split()}
     if "pytest" in args.intel_steps.split():
-        out["pytest"] = f"all but {args.intel_pytest} (Python is 10-20 times slower there)"
+        out["pytest"] = f"all but {args.intel_pytest} (Python runs 25-70 times slower there)"
     return out
 
 
