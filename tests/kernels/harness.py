@@ -53,6 +53,11 @@ SERIES = {
     "6.12": r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$",
 }
 COMMON_MODULES = ["9p", "9pnet_virtio", "virtio_pci", "overlay"]
+# test files that run on the host only, whatever their marks, and why
+HOST_ONLY = {
+    "tests/test_cli_fuzz.py": "hundreds of vmm processes, each seconds to start under TCG",
+    "tests/test_install.py": "pip fetches setuptools from PyPI, and the VM has no network",
+}
 HOST_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "depmod": "kmod", "cpio": "cpio"}
 MARK = "VMM-KERNELS: "
 
@@ -590,6 +595,20 @@ def finish_run(series, kernel, vm, results, console, rc):
     return report, problems
 
 
+def select_tests(mark):
+    """The test files holding tests of pytest mark expression `mark` (collected here, on the host),
+    less HOST_ONLY, and how many tests they hold: (files, tests)."""
+    out = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", "-q", "--co",
+                          "-p", "no:cacheprovider", "-m", mark, "tests"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    ids = [ln for ln in out.stdout.splitlines() if "::" in ln]
+    if out.returncode or not ids:
+        raise HarnessError(f"collecting `pytest -m '{mark}'` found no tests (exit {out.returncode}): "
+                           f"{(out.stderr or out.stdout).strip().splitlines()[-1:]}")
+    files = sorted({i.split("::")[0] for i in ids} - set(HOST_ONLY))
+    return files, sum(1 for i in ids if i.split("::")[0] in files)
+
+
 def prepare_kernel(series, busybox):
     """The kernel package and its initramfs (downloads and builds, so run these one at a time)."""
     kernel = Kernel(series)
@@ -602,7 +621,8 @@ def run_kernel(series, kernel, initrd, args):
     results = RESULTS / f"{series}-kvm_amd"
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
-    (results / "run.env").write_text(run_env(args))
+    (results / "run.env").write_text(run_env(args, pytest_mark=args.pytest_mark,
+                                             pytest_files=" ".join(args.pytest_files)))
     cmd = qemu_command(kernel, initrd, results, args.memory)
     log(f"Linux {kernel.release} ({kernel.package} {kernel.version}) under QEMU TCG; "
         f"console log {results / 'console.log'}", series)
@@ -635,7 +655,10 @@ def main(argv=None):
     ap.add_argument("--steps", default="caps probe guests pytest-amx pytest",
                     help="what to run inside, in order (default: %(default)s)")
     ap.add_argument("--cmd", default="", help="the command of the `cmd` step (by hand: --steps cmd)")
-    ap.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. a -k or -m subset")
+    ap.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. a -k subset")
+    ap.add_argument("--pytest-mark", default="kvm and not amx",
+                    help="the tests run inside, as a pytest -m expression (default: %(default)s: the tests "
+                         "that use /dev/kvm; the others do not touch it and run on the host in `make test`)")
     ap.add_argument("--pytest-timeout", type=int, default=1500, help="seconds for each pytest process")
     ap.add_argument("--test-timeout", type=int, default=300, help="seconds for each test (pytest-timeout)")
     ap.add_argument("--probe-timeout", type=int, default=600, help="seconds for vmm probe")
@@ -655,6 +678,10 @@ def main(argv=None):
         if os.geteuid() != 0:
             raise HarnessError("run as root (apt-get, and QEMU's 9p export of / with security_model=none)")
         check_project()
+        args.pytest_files, n_tests = select_tests(args.pytest_mark)
+        log(f"pytest inside: `-m '{args.pytest_mark}'`: {n_tests} tests in {len(args.pytest_files)} files "
+            f"(one process each); host only: " + "; ".join(f"{os.path.basename(f)} ({why})"
+                                                            for f, why in HOST_ONLY.items()))
         ensure_host_tools(HOST_TOOLS)
         busybox_root, bb_version = fetch_package("busybox-static")
         busybox = busybox_root / "bin" / "busybox"
