@@ -282,6 +282,14 @@ def test_kernel_versions_parse():
     assert probe.kernel_version("6.1") == (6, 1, 0)
     assert probe.kernel_version("5.15.0-91-generic") < (6, 6) <= probe.kernel_version("6.6.1")
     assert probe.kernel_version("weird") == (0, 0, 0)
+    # distribution kernels: the stable version is beside the release string (found inside Debian's 6.1)
+    dv = probe.core.distro_version
+    assert dv("", "Linux version 6.1.0-57-amd64 (debian-kernel@lists.debian.org) (gcc-12 (Debian 12.2.0-14"
+                  "+deb12u1) 12.2.0, GNU ld (GNU Binutils for Debian) 2.40) #1 SMP PREEMPT_DYNAMIC Debian "
+                  "6.1.192-3 (2026-10-01)") == (6, 1, 192)
+    assert dv("Ubuntu 5.15.0-91.101-generic 5.15.131\n", "Linux version 5.15.0-91-generic") == (5, 15, 131)
+    assert dv("", "Linux version 6.18.44-fc-v657 (builder@sandboxing) #1 SMP PREEMPT_DYNAMIC @0") is None
+    assert probe.core.has_set_xsave_fix((6, 1, 192)) and not probe.core.has_set_xsave_fix((6, 1, 0))
     # the KVM_SET_XSAVE-after-a-narrower-KVM_SET_CPUID2 fix: 6.6, and 6.1.60 in the 6.1 series
     fixed = probe.core.has_set_xsave_fix
     assert fixed((6, 1, 60)) and fixed((6, 6, 0)) and fixed((6, 18, 44)) and fixed((6, 12, 0))

@@ -21,6 +21,7 @@ from vmm.errors import KvmError
 from vmm.guest import runtime
 from vmm.guest.runner import Done, Fail, Fault, Sync
 from vmm.kvm import is_pvm
+from vmm.probe.core import has_set_xsave_fix, kernel_version
 from vmm.xsave import (AVX, HI16_ZMM, OPMASK, ZMM_HI256, XsaveArea, XsaveError, XsaveLayout, component_name,
                        kvm_xsave_size, mask_names)
 
@@ -28,10 +29,6 @@ AVX512_BITS = 1 << OPMASK | 1 << ZMM_HI256 | 1 << HI16_ZMM  # 0xe0
 X87_SSE = 0x3
 DUMP = runtime.SCRATCH_BASE + 0x8000  # where the avx512 guest stores what it sees before SYNC 2
 DATA = Path(__file__).parent / "data"
-
-
-def kernel_version():
-    return tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
 
 
 # -- the avx512 guest's patterns (guests/avx512.S): the checkpoint guest's for vCPU 0 -------------
@@ -261,7 +258,7 @@ def test_get_xsave2_after_a_narrower_set_cpuid2(kvm, machine, layout):
             assert got.xmm(5) == low(xg.vec(5), 128)  # SSE is within the narrower CPUID
 
         # KVM_SET_XSAVE of the wider buffer after the narrower KVM_SET_CPUID2
-        if kernel_version() >= (6, 6):
+        if has_set_xsave_fix(kernel_version()):  # 6.6, and 6.1.60 on the 6.1 series
             vcpu.set_xsave(full)
             assert XsaveArea.parse(vcpu.get_xsave2(), layout).xstate_bv == full_bv & (held | X87_SSE)
         else:

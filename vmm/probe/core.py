@@ -33,12 +33,36 @@ class ProbeError(VmmError):
 
 # --- small helpers ---------------------------------------------------------------------------------
 def kernel_version(release=None):
-    """(major, minor, patch) of a kernel release string such as '6.18.44-fc-v657'."""
-    release = os.uname().release if release is None else release
+    """(major, minor, patch) of a kernel release string such as '6.18.44-fc-v657'. Without one: the
+    running kernel's, where a distribution's release string keeps an ABI number in the patch place
+    (Debian's '6.1.0-57-amd64' is stable 6.1.192; Ubuntu's '5.15.0-91-generic' is 5.15.131) read from
+    /proc/version_signature (Ubuntu) or /proc/version ('Debian 6.1.192-3'); see distro_version."""
+    if release is None:
+        own = kernel_version(os.uname().release)
+        texts = []
+        for path in ("/proc/version_signature", "/proc/version"):
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    texts.append(f.read(4096))
+            except OSError:
+                texts.append("")
+        upstream = distro_version(*texts)
+        return upstream if upstream and upstream[:2] == own[:2] else own
     m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
     if not m:
         return (0, 0, 0)
     return tuple(int(x or 0) for x in m.groups())
+
+
+def distro_version(version_signature="", proc_version=""):
+    """The upstream (major, minor, patch) a distribution kernel names besides its release string:
+    the last field of Ubuntu's /proc/version_signature ('Ubuntu 5.15.0-91.101-generic 5.15.131'), or
+    the 'Debian X.Y.Z' of /proc/version; None when neither says."""
+    m = re.search(r"\s(\d+)\.(\d+)\.(\d+)\s*$", version_signature or "")
+    if not m:  # the last one: the compiler's "(Debian 12.2.0-14)" comes before the kernel's
+        m = (re.findall(r"\bDebian (\d+)\.(\d+)\.(\d+)", proc_version or "") or [None])[-1]
+        return tuple(int(x) for x in m) if m else None
+    return tuple(int(x) for x in m.groups())
 
 
 def version_text(v):
@@ -114,7 +138,7 @@ class Context:
         from ..kvm import Kvm
         self.device = device
         self.kernel = os.uname().release if kernel is None else kernel
-        self.kver = kernel_version(self.kernel)
+        self.kver = kernel_version() if kernel is None else kernel_version(kernel)
         self.fresh = fresh  # started by `python -m vmm.probe --check`: permissions are the defaults
         self.kvm = Kvm(device)
         self.requested = None  # observation of ARCH_REQ_XCOMP_GUEST_PERM(18), once made here
