@@ -56,6 +56,18 @@ def needs_xcr0(kvm, feature, mask):
     return supported
 
 
+def needs_amx(kvm):
+    """Skip (or fail, see lacking) unless this process holds the AMX guest permission (asked for by
+    the AMX process before any vCPU) and KVM here offers AMX."""
+    from vmm import amx
+    if AMX_PERMISSION_ERROR is not None:
+        problems = [str(AMX_PERMISSION_ERROR)]
+    else:
+        problems = amx.host_problems(kvm.get_supported_cpuid(), amx.get_xcomp_supp())
+    if problems:
+        lacking("AMX", f"no AMX on this host: {problems[0]}")
+
+
 def _require_kvm():
     if os.path.exists(DEVICE) and os.access(DEVICE, os.R_OK | os.W_OK):
         return

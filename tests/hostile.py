@@ -20,6 +20,15 @@ def vmm(*args, cwd=None, timeout=60, **kw):
                           errors="replace", timeout=timeout, cwd=cwd, **kw)  # replace: `-o -` is binary
 
 
+def one_line_error(r, code=2):
+    """The CLI's error contract: exit status `code`, one line "vmm: ..." on stderr, no traceback;
+    returns that line."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.startswith("vmm: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    return r.stderr
+
+
 def make_paths(d: Path):
     """{name: path} of every kind of path the tests throw at the CLI, created in `d`."""
     p = {}

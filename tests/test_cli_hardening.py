@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from hostile import kinds, leftovers, make_paths, vmm
+from hostile import kinds, leftovers, make_paths, one_line_error, vmm
 from vmm import snapshot
 
 pytestmark = pytest.mark.kvm
@@ -25,13 +25,6 @@ def paths(tmp_path):
     p["_socket"].close()
 
 
-def _one_line_error(r, code=2):
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    assert r.stderr.startswith("vmm: ") and r.stderr.count("\n") == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    return r.stderr
-
-
 # -- "-o /dev/full replaced the device node with a 4 MB regular file" ---------------------------------
 @pytest.mark.parametrize("command", [
     ("snapshot", "sync", "-o"),
@@ -40,7 +33,7 @@ def _one_line_error(r, code=2):
 ])
 def test_outputs_write_through_devices_and_never_replace_them(paths, tmp_path, command):
     before = kinds(paths)
-    err = _one_line_error(vmm(*command, paths["full"]))
+    err = one_line_error(vmm(*command, paths["full"]))
     assert f"{paths['full']}: cannot write: No space left on device" in err
     assert vmm(*command, paths["null"]).returncode in (0, 1)  # probe: 1 when a check differs
     assert vmm(*command, paths["devlink"]).returncode in (0, 1)
@@ -60,7 +53,7 @@ def test_a_fifo_output_reaches_its_reader_and_stays_a_fifo(paths, tmp_path):
     snap = snapshot.load(str(copy))  # what went through the FIFO is a whole, valid snapshot
     assert snap.meta["guest"]["name"] == "sync"
     assert stat.S_ISFIFO(os.lstat(paths["fifo"]).st_mode)
-    err = _one_line_error(vmm("snapshot", "sync", "-o", paths["fifo"]))  # no reader now
+    err = one_line_error(vmm("snapshot", "sync", "-o", paths["fifo"]))  # no reader now
     assert "FIFO with no reader" in err
 
 
@@ -71,7 +64,7 @@ def test_a_symlink_output_stays_a_link_and_dash_is_stdout(paths, tmp_path):
     r = vmm("baseline", "here", "-o", "-", "--json")
     assert r.returncode == 0 and r.stdout.count('"cpuid"') >= 1
     for bad in ("sock", "dir"):
-        assert "vmm writes only to regular files" in _one_line_error(vmm("baseline", "here", "-o", paths[bad])) \
+        assert "vmm writes only to regular files" in one_line_error(vmm("baseline", "here", "-o", paths[bad])) \
             or "is a directory" in r.stderr
 
 
@@ -89,7 +82,7 @@ def test_a_snapshot_to_stdout_is_whole_and_its_summary_goes_to_stderr(tmp_path):
 # -- "--memory 99999999999999999999 is an OverflowError traceback; 100000000 says only ENOMEM" --------
 @pytest.mark.parametrize("memory", ["99999999999999999999", "100000000", "0", "-4"])
 def test_memory_is_bounded_with_a_clear_error(memory):
-    err = _one_line_error(vmm("run", "--memory", memory))
+    err = one_line_error(vmm("run", "--memory", memory))
     assert "--memory" in err and "is not in the range 4<=x<=16384" in err
 
 
@@ -101,7 +94,7 @@ def test_memory_is_bounded_with_a_clear_error(memory):
     (("run", "--arg", "-1"), "does not fit in an unsigned 64-bit argument"),
 ])
 def test_every_number_is_bounded(args, message):
-    assert message in _one_line_error(vmm(*args))
+    assert message in one_line_error(vmm(*args))
 
 
 # -- "--cpu /dev/zero grew to 5 GB; compat --host /dev/zero never ends" ----------------------------------
@@ -111,7 +104,7 @@ def test_every_number_is_bounded(args, message):
 def test_device_and_huge_inputs_end_quickly_with_the_file_named(paths, args):
     args = [a.format(zero=paths["zero"], huge=paths["huge"]) for a in args]
     t = time.monotonic()
-    err = _one_line_error(vmm(*args, timeout=30))
+    err = one_line_error(vmm(*args, timeout=30))
     assert time.monotonic() - t < 20
     assert args[-1] in err
 
@@ -122,7 +115,7 @@ def test_device_and_huge_inputs_end_quickly_with_the_file_named(paths, args):
     ("empty", "is empty"), ("null", "is a character device"), ("proc", "kernel pseudo-file"),
 ])
 def test_bad_cpuid_dumps_are_one_line_naming_the_file(paths, which, message):
-    err = _one_line_error(vmm("cpuid", "--file", paths[which]))
+    err = one_line_error(vmm("cpuid", "--file", paths[which]))
     assert str(paths[which]) in err and message in err
 
 
@@ -131,16 +124,16 @@ def test_bad_cpuid_dumps_are_one_line_naming_the_file(paths, which, message):
     ("garbage", "not a vmm snapshot"), ("missing", "no such file"),
 ])
 def test_bad_snapshot_files_are_one_line_naming_the_file(paths, which, message):
-    err = _one_line_error(vmm("inspect", paths[which]))
+    err = one_line_error(vmm("inspect", paths[which]))
     assert str(paths[which]) in err and message in err
 
 
 # -- guest arguments: a file in the current directory, ./file, ./dir, an ELF ------------------------------
 def test_guest_arguments_are_names_or_existing_paths(paths, tmp_path):
     for arg in ("empty.txt", "./empty.txt"):
-        assert "is empty" in _one_line_error(vmm("run", arg, cwd=tmp_path))
-    assert "is a directory" in _one_line_error(vmm("run", "./adir", cwd=tmp_path))
-    assert "unknown guest 'nope': not a built-in guest" in _one_line_error(vmm("run", "nope", cwd=tmp_path))
+        assert "is empty" in one_line_error(vmm("run", arg, cwd=tmp_path))
+    assert "is a directory" in one_line_error(vmm("run", "./adir", cwd=tmp_path))
+    assert "unknown guest 'nope': not a built-in guest" in one_line_error(vmm("run", "nope", cwd=tmp_path))
     from vmm.guest import catalog
     elf = catalog.REPO_DIR / "build" / "hello.elf"
     if not elf.exists():
@@ -161,7 +154,7 @@ def test_guest_arguments_are_names_or_existing_paths(paths, tmp_path):
 def test_xcr0_rules_are_checked_before_any_ioctl(mask, rule):
     for command in (("xsave", "sync"), ("cpuid", "--vcpu", "sync")):
         # a missing KVM device shows the check comes first: no open(), no ioctl
-        err = _one_line_error(vmm(*command, "--xcr0", mask, "--device", "/nonexistent/kvm"))
+        err = one_line_error(vmm(*command, "--xcr0", mask, "--device", "/nonexistent/kvm"))
         assert rule in err and "is not a valid XCR0" in err
 
 
@@ -210,7 +203,7 @@ def test_timeouts_guest_failures_and_usage_errors_have_their_own_status():
     assert vmm("run", "ud2").returncode == 1
     assert vmm("run").returncode == 0
     for args in (("run", "--bogus"), ("nosuchcommand",), ("run", "--timeout", "x"), ("snapshot", "sync")):
-        err = _one_line_error(vmm(*args))
+        err = one_line_error(vmm(*args))
         assert "--help" in err
 
 
@@ -255,9 +248,9 @@ def test_xsave_never_prints_an_empty_heading():
 
 
 def test_a_device_that_is_not_kvm_is_named(paths):
-    err = _one_line_error(vmm("caps", "--device", paths["null"]), code=4)
+    err = one_line_error(vmm("caps", "--device", paths["null"]), code=4)
     assert f"{paths['null']} is not a KVM device" in err
-    err = _one_line_error(vmm("caps", "--device", paths["empty"]), code=4)
+    err = one_line_error(vmm("caps", "--device", paths["empty"]), code=4)
     assert "not the KVM character device" in err
 
 

@@ -4,16 +4,9 @@ import json
 
 import pytest
 
-from hostile import vmm
+from hostile import one_line_error, vmm
 
 pytestmark = pytest.mark.kvm
-
-
-def _one_line_error(r, code=2):
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    assert r.stderr.startswith("vmm: ") and r.stderr.count("\n") == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    return r.stderr
 
 
 # -- a command whose guest ends (DONE) before the SYNC it needs could not do its job: not exit 0 -----------
@@ -27,7 +20,7 @@ def _one_line_error(r, code=2):
 ])
 def test_a_guest_ending_done_before_the_sync_a_command_needs_is_a_guest_failure(tmp_path, args):
     args = [a.format(tmp=tmp_path) for a in args]
-    err = _one_line_error(vmm(*args), 1)
+    err = one_line_error(vmm(*args), 1)
     assert "ended with 'done' before reaching SYNC" in err
     assert not (tmp_path / "x.snap").exists()
     d = json.loads(vmm(*args, "--json").stdout)
@@ -43,7 +36,7 @@ def test_a_guest_ending_done_before_the_sync_a_command_needs_is_a_guest_failure(
 def test_deeply_nested_json_is_an_input_error(tmp_path, args):
     f = tmp_path / "deep.json"
     f.write_text("[" * 100000 + "]" * 100000)
-    err = _one_line_error(vmm(*[a.format(f=f, tmp=tmp_path) for a in args]))
+    err = one_line_error(vmm(*[a.format(f=f, tmp=tmp_path) for a in args]))
     assert "nested too deeply" in err and not (tmp_path / "b.json").exists()
 
 
@@ -126,7 +119,7 @@ def test_every_command_refuses_a_malformed_state_before_any_vm(sync_state, case)
     edit, message = next(b[1:] for b in BAD_STATES if b[0] == case)
     path = write(edit)
     for args in (("compat", path), ("inspect", path), ("diff", path, "sync"), ("restore", path)):
-        err = _one_line_error(vmm(*args))
+        err = one_line_error(vmm(*args))
         assert message in err, (args, err)
 
 
@@ -167,7 +160,7 @@ def test_run_cpu_is_judged_like_compat_host_here_before_any_vm(cpu_files, name):
     if not refused:
         assert r.returncode == 0, r.stderr
         return
-    err = _one_line_error(r)
+    err = one_line_error(r)
     assert f"{f}: this host cannot run a guest with this CPUID" in err
     for p in refused:
         assert " ".join(p.replace("there", "here").replace("the destination", "this host").split()) in err
@@ -178,16 +171,16 @@ def test_run_cpu_is_judged_like_compat_host_here_before_any_vm(cpu_files, name):
 
 # -- reg set: XCR0 by the architectural rules (the --xcr0 ones) before any ioctl; KVM's refusal of a value ---
 def test_reg_set_xcr0_is_checked_by_the_xcr0_rules_before_kvm():
-    err = _one_line_error(vmm("reg", "set", "sync", "XCR0=0x0"))
+    err = one_line_error(vmm("reg", "set", "sync", "XCR0=0x0"))
     assert "XCR0 0x0 (none) is not a valid XCR0: x87 (bit 0) must always be set" in err
     assert "KVM_SET_XCRS" not in err
-    err = _one_line_error(vmm("reg", "set", "sync", "XCR0=0x5"))  # AVX without SSE
+    err = one_line_error(vmm("reg", "set", "sync", "XCR0=0x5"))  # AVX without SSE
     assert "AVX (bit 2) needs SSE (bit 1)" in err
 
 
 def test_a_value_kvm_refuses_is_not_called_an_inaccessible_register():
     r = vmm("reg", "set", "sync", "EFER=0xffffffffffffffff")
-    err = _one_line_error(r, 4)
+    err = one_line_error(r, 4)
     assert "KVM refused the value 0xffffffffffffffff for MSR_EFER, which this vCPU can access" in err
     assert "does not let this vCPU access" not in err
 
@@ -195,10 +188,10 @@ def test_a_value_kvm_refuses_is_not_called_an_inaccessible_register():
 # -- a guest's pieces: flat binaries and ELF segments checked alike (Image.check_fits) ------------------------
 def test_a_flat_binary_over_the_user_stacks_is_refused_like_an_elf_segment(tmp_path):
     (tmp_path / "big.bin").write_bytes(b"\xf4" * (2 << 20))  # 0x100000..0x300000: the stacks' place
-    err = _one_line_error(vmm("run", tmp_path / "big.bin"))
+    err = one_line_error(vmm("run", tmp_path / "big.bin"))
     assert "flat binary 0x100000..0x300000 overlaps the vCPU user stacks at 0x2f0000..0x300000" in err
     (tmp_path / "mid.bin").write_bytes(b"\xf4" * 0x1e8000)  # clear of one stack, not of two
-    err = _one_line_error(vmm("snapshot", tmp_path / "mid.bin", "--vcpus", "2", "-o", tmp_path / "s.snap"))
+    err = one_line_error(vmm("snapshot", tmp_path / "mid.bin", "--vcpus", "2", "-o", tmp_path / "s.snap"))
     assert "overlaps the vCPU user stacks at 0x2e0000..0x300000 (2 vCPUs)" in err
 
 
@@ -236,7 +229,7 @@ def test_a_flipped_memory_byte_names_the_snapshot_file(tmp_path):
     data[snap.sections["mem.0"].offset + off] ^= 0xFF
     path.write_bytes(bytes(data))
     for cmd in ("inspect", "restore", "compat"):
-        err = _one_line_error(vmm(cmd, path))
+        err = one_line_error(vmm(cmd, path))
         assert err.startswith(f"vmm: error: {path}: guest memory at 0x") and "fails its checksum" in err, err
 
 
@@ -265,7 +258,7 @@ def test_an_int3_at_cpl0_is_not_blamed_on_sse():
 def test_a_non_utf8_dump_names_its_first_bad_byte(tmp_path):
     f = tmp_path / "bom.txt"
     f.write_bytes(b"\xff\xfe\nCPUID 00000000: 0000000D-68747541-444D4163-69746E65\n")
-    err = _one_line_error(vmm("cpuid", "--file", f))
+    err = one_line_error(vmm("cpuid", "--file", f))
     assert "byte 0xff at offset 0 is not UTF-8" in err
 
 

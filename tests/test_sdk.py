@@ -109,13 +109,7 @@ def test_c_guest_with_amx_tiles_matches_the_host(built, kvm):
     """On AMX hosts: with --amx the guest also runs TDPBSSD on tiles; its check against plain C must
     pass (else FAIL 0xa8), SYNC 2 says the AMX path ran and SYNC 3 is the int8 dot product."""
     import conftest
-    from vmm import amx
-    if conftest.AMX_PERMISSION_ERROR is not None:
-        problems = [str(conftest.AMX_PERMISSION_ERROR)]
-    else:
-        problems = amx.host_problems(kvm.get_supported_cpuid(), amx.get_xcomp_supp())
-    if problems:
-        conftest.lacking("AMX", f"no AMX on this host: {problems[0]}")
+    conftest.needs_amx(kvm)
     r = vmm("run", str(built / "dot.elf"), "--amx", "--arg", "99", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)

@@ -200,12 +200,7 @@ def test_amx_guest_snapshot_restores_in_a_fresh_process(tmp_path, kvm):
     """On AMX hosts: the amx guest, snapshotted with TMM0 loaded (SYNC 1), restores in a process
     that never asked for AMX itself, with its 11 KiB XSAVE area intact, and reaches SYNC 2."""
     import conftest  # the AMX process asked for the guest permission before any vCPU
-    if conftest.AMX_PERMISSION_ERROR is not None:
-        problems = [str(conftest.AMX_PERMISSION_ERROR)]
-    else:
-        problems = amx.host_problems(kvm.get_supported_cpuid(), amx.get_xcomp_supp())
-    if problems:
-        conftest.lacking("AMX", f"no AMX on this host: {problems[0]}")
+    conftest.needs_amx(kvm)
     path = tmp_path / "amx.snap"
     r = vmm("snapshot", "amx", "--amx", "-o", str(path))
     assert r.returncode == 0, r.stderr
