@@ -169,19 +169,22 @@ def test_a_closed_stdout_ends_quietly():
 def _wait_in_kvm_run(pid, limit=60):
     """Until a thread of process `pid` sits in ioctl(vcpu fd, KVM_RUN) (/proc/PID/task/*/syscall:
     number 16, then the arguments), so a signal reaches the running guest whatever the machine's speed.
-    On ordinary (nested) KVM a vCPU thread in guest mode is on a CPU, and the file then says "running"
-    rather than the call: once the vCPU fd exists, that counts too."""
+    On ordinary (nested) KVM a vCPU thread in guest mode is on a CPU, and that file then says "running"
+    rather than the call; there the process's guest time (/proc/PID/stat field 43, time spent running
+    a vCPU) shows that KVM_RUN has entered the guest."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
             fds = {hex(int(f)) for f in os.listdir(f"/proc/{pid}/fd")
                    if "kvm-vcpu" in os.readlink(f"/proc/{pid}/fd/{f}")}
             calls = [open(f"/proc/{pid}/task/{t}/syscall").read().split() for t in os.listdir(f"/proc/{pid}/task")]
+            stat = open(f"/proc/{pid}/stat").read()
+            guest_ticks = int(stat[stat.rindex(")") + 2:].split()[40])  # field 43: guest_time
         except (FileNotFoundError, ProcessLookupError):
-            fds, calls = set(), []
+            fds, calls, guest_ticks = set(), [], 0
         if any(c[:1] == ["16"] and c[1:2] and c[1] in fds and c[2:3] == [hex(0xAE80)] for c in calls):
             return  # KVM_RUN = _IO(KVMIO, 0x80)
-        if fds and any(c[:1] == ["running"] for c in calls):
+        if fds and guest_ticks > 0:
             return
         time.sleep(0.05)
     raise AssertionError(f"vmm run spin did not reach KVM_RUN within {limit} s")
