@@ -46,7 +46,6 @@ def _hyperv(cpuid: CpuidTable) -> bool:
 
 # name -> (what it means, predicate on the guest CPUID)
 CONDITIONS: dict[str, tuple[str, object]] = {
-    "ARCH_PERFMON": ("CPUID.0AH:EAX[7:0] >= 1 (architectural PMU)", lambda c: _leaf_0a(c)[0] >= 1),
     "ARCH_PERFMON_V2": ("CPUID.0AH:EAX[7:0] >= 2 (global PMU controls)", lambda c: _leaf_0a(c)[0] >= 2),
     **{f"PMC{i}": (f"CPUID.0AH:EAX[15:8] > {i} (general-purpose counter {i})",
                    lambda c, i=i: _leaf_0a(c)[1] > i) for i in range(_MAX_PMCS)},
