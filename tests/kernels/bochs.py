@@ -10,9 +10,9 @@ image the host reads with debugfs after the VM has ended. tests/kernels/init.sh 
 QEMU target's, told the difference by run.env and the kernel command line.
 
 Bochs 3.0 is not packaged anywhere CI can reach: it is built from the tarball in ../shared/vendor
-(relative to the checkout; VMM_BOCHS_TARBALL or --bochs-tarball elsewhere), cached by the tarball's
-sha256. Its BIOS ROMs come from Debian's bochsbios and vgabios packages, isolinux from isolinux and
-syslinux-common.
+(relative to the checkout, or the copy the cache keeps of it; VMM_BOCHS_TARBALL or --bochs-tarball
+elsewhere), cached by the tarball's sha256. Its BIOS ROMs come from Debian's bochsbios and vgabios
+packages, isolinux from isolinux and syslinux-common.
 """
 
 import hashlib
@@ -39,10 +39,12 @@ def sha256(path):
     return h.hexdigest()
 
 
-def find_tarball(h, root, override=None):
+def find_tarball(h, root, cache, override=None):
     """The Bochs source tarball: OVERRIDE (--bochs-tarball or VMM_BOCHS_TARBALL), else the one
-    ../shared/vendor beside the checkout holds."""
+    ../shared/vendor beside the checkout holds, else the copy CACHE/bochs/vendor keeps of the last one
+    found (so a clone elsewhere, such as CI's, still finds it). A tarball found is copied there."""
     override = override or os.environ.get("VMM_BOCHS_TARBALL")
+    kept = cache / "bochs" / "vendor"
     if override:
         path = Path(override)
         if not path.is_file():
@@ -50,13 +52,23 @@ def find_tarball(h, root, override=None):
         return path
     vendor = (root / ".." / "shared" / "vendor").resolve()
     found = sorted(vendor.glob(TARBALL_GLOB))
-    if not found:
-        raise h.HarnessError(
-            f"no {TARBALL_GLOB} in {vendor}: the Intel target builds Bochs 3.0 from that tarball, which no "
-            f"package registry has. Copy bochs-3.0.devel-783b58fd.tar.xz there (from the project's shared "
-            f"vendor directory, whose README has the configure line), or name it with --bochs-tarball PATH "
-            f"or VMM_BOCHS_TARBALL=PATH")
-    return found[-1]
+    if found:
+        copy = kept / found[-1].name
+        if not copy.is_file() or copy.stat().st_size != found[-1].stat().st_size:
+            kept.mkdir(parents=True, exist_ok=True)
+            tmp = kept / f".{copy.name}.{os.getpid()}"
+            shutil.copyfile(found[-1], tmp)
+            os.replace(tmp, copy)  # whole or absent
+        return found[-1]
+    found = sorted(kept.glob(TARBALL_GLOB))
+    if found:
+        h.log(f"Bochs: no {TARBALL_GLOB} in {vendor}; using the cached copy {found[-1]}")
+        return found[-1]
+    raise h.HarnessError(
+        f"no {TARBALL_GLOB} in {vendor} or {kept}: the Intel target builds Bochs 3.0 from that tarball, "
+        f"which no package registry has. Copy bochs-3.0.devel-783b58fd.tar.xz there (from the project's "
+        f"shared vendor directory, whose README has the configure line), or name it with --bochs-tarball "
+        f"PATH or VMM_BOCHS_TARBALL=PATH")
 
 
 def build_bochs(h, cache, tarball, jobs=None):
@@ -364,7 +376,7 @@ def prepare(h, args, busybox, cache):
     """Builds (or finds cached) everything before any VM starts: Bochs, the ROMs, the 6.12 kernel, its
     kvm_intel initramfs and boot ISO. Returns a Target and the versions used."""
     t = Target()
-    tarball = find_tarball(h, h.ROOT, args.bochs_tarball)
+    tarball = find_tarball(h, h.ROOT, cache, args.bochs_tarball)
     t.bochs, digest = build_bochs(h, cache, tarball)
     h.ensure_host_tools({"xorriso": "xorriso", "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs",
                          "ldd": "libc-bin"})
