@@ -55,10 +55,14 @@ def find_tarball(h, root, cache, override=None):
     if found:
         copy = kept / found[-1].name
         if not copy.is_file() or copy.stat().st_size != found[-1].stat().st_size:
-            kept.mkdir(parents=True, exist_ok=True)
             tmp = kept / f".{copy.name}.{os.getpid()}"
-            shutil.copyfile(found[-1], tmp)
-            os.replace(tmp, copy)  # whole or absent
+            try:
+                kept.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(found[-1], tmp)
+                os.replace(tmp, copy)  # whole or absent
+            except OSError as e:  # a convenience for later clones: this run goes on without it
+                h.log(f"Bochs: could not keep a copy of {found[-1].name} in {kept}: {e}")
+                tmp.unlink(missing_ok=True)
         return found[-1]
     found = sorted(kept.glob(TARBALL_GLOB))
     if found:
