@@ -35,6 +35,31 @@ def test_run_spin_timeout_is_bounded():
     assert d["exit"]["event"] == "timeout" and 1.0 <= d["exit"]["seconds"] <= d["seconds"]
 
 
+# a flat binary: mov $0x500,%dx; mov $1,%eax; 1: out %eax,%dx; jmp 1b (a SYNC 1 as fast as it can)
+SYNC_FOREVER = bytes.fromhex("66ba0005" "b801000000" "ef" "ebfd")
+
+
+@pytest.mark.parametrize("command", ["run", "restore"])
+def test_timeout_holds_for_a_guest_that_syncs_without_end(tmp_path, command):
+    """Each SYNC returns to the host before a timer set for what is left of --timeout can fire, so
+    the run itself must end at its deadline (it once ran on for 5-55 s past a 1-2 s timeout). The
+    bound is on vmm's own clock, a second past the deadline: one SYNC's round trip, not the load."""
+    guest = tmp_path / "sync-forever.bin"
+    guest.write_bytes(SYNC_FOREVER)
+    if command == "run":
+        r = vmm("run", str(guest), "--timeout", "1", "--json")
+    else:
+        snap = tmp_path / "s.snap"
+        made = vmm("snapshot", str(guest), "--at-sync", "1", "-o", str(snap))
+        assert made.returncode == 0, made.stdout + made.stderr
+        r = vmm("restore", str(snap), "--timeout", "1", "--json")
+    assert r.returncode == 3, r.stdout + r.stderr
+    d = json.loads(r.stdout)
+    run = d if command == "run" else d["vcpus"][0]
+    assert run["exit"]["event"] == "timeout" and len(run["syncs"]) > 1
+    assert 1.0 <= run["exit"]["seconds"] < 2.0, run["exit"]
+
+
 def test_run_triple_fault():
     r = vmm("run", "triple-fault")
     assert r.returncode == 1 and "shutdown" in r.stdout

@@ -237,10 +237,15 @@ def console_echo(as_json):
     return echo
 
 
-def _since(ev, t0):
-    """A Timeout event's seconds counted from `t0`, the start of the whole run (the run loop counts
-    from its own call, one of many when the guest SYNCs on the way)."""
+def _run_until(m, deadline, t0, vcpu):
+    """One `m.run` bounded by the whole run's `deadline` (time.monotonic()): a guest that SYNCs faster
+    than a timer set for what is left can fire still ends at the deadline, as a Timeout whose seconds
+    count from `t0`, the start of the whole run (the run loop counts from its own call)."""
     from ..guest.runner import Timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return Timeout(vcpu, time.monotonic() - t0, m.vcpus[vcpu].get_regs().rip)
+    ev = m.run(timeout=left, vcpu=vcpu)
     if isinstance(ev, Timeout):
         ev.seconds = time.monotonic() - t0
     return ev
@@ -254,7 +259,7 @@ def run_to_sync(m, n=1, timeout=10.0, vcpu=0):
     t0 = time.monotonic()
     deadline = t0 + timeout
     for i in range(n):
-        ev = _since(m.run(timeout=max(deadline - time.monotonic(), 1e-3), vcpu=vcpu), t0)
+        ev = _run_until(m, deadline, t0, vcpu)
         if not isinstance(ev, Sync):
             raise GuestEnded(f"guest {m.image.name!r} ended with '{ev}' before reaching SYNC {n} "
                              f"(it reached {i})", ev)
@@ -268,7 +273,7 @@ def run_to_end(m, timeout=10.0, as_json=False, vcpu=0):
     deadline = t0 + timeout
     syncs = []
     while True:
-        ev = _since(m.run(timeout=max(deadline - time.monotonic(), 1e-3), vcpu=vcpu), t0)
+        ev = _run_until(m, deadline, t0, vcpu)
         if not isinstance(ev, Sync):
             return ev, syncs
         syncs.append(ev.value)
