@@ -271,6 +271,21 @@ def _sync_snapshot(path, kvm, memory=4 << 20, fill=0):
     return path
 
 
+def _rewrite_section(data, snap, tag, obj):
+    """Puts `obj` as JSON in section `tag` of the file bytes `data` (of `snap`), with its length and
+    checksum (and the header's) made right again, as a deliberate editor would."""
+    blob = json.dumps(obj).encode()
+    sec = snap.sections[tag]
+    room = min((s.offset for s in snap.sections.values() if s.offset > sec.offset), default=len(data)) - sec.offset
+    assert len(blob) <= room
+    data[sec.offset:sec.offset + room] = blob + bytes(room - len(blob))
+    for i in range(struct.unpack_from("<I", data, 12)[0]):
+        at = 16 + i * 40
+        if data[at:at + 16].rstrip(b"\0") == tag.encode():
+            struct.pack_into("<QI", data, at + 24, len(blob), zlib.crc32(blob))
+    _rehead(data)
+
+
 def _as_format_1(path, out):
     """The same snapshot as format 1 wrote it: crc32 (an integer) per memory extent."""
     snap = snapshot.load(str(path))
@@ -281,19 +296,35 @@ def _as_format_1(path, out):
         del m["hash"]
         m["extents"] = [[off, n, zlib.crc32(data[mem.offset + off:mem.offset + off + n])]
                         for off, n, _ in m["extents"]]
-    blob = json.dumps(meta).encode()
-    sec = snap.sections["meta"]
-    room = min(s.offset for s in snap.sections.values() if s.offset > sec.offset) - sec.offset
-    assert len(blob) <= room
-    data[sec.offset:sec.offset + room] = blob + bytes(room - len(blob))
     struct.pack_into("<HH", data, 8, 1, 0)
-    for i in range(struct.unpack_from("<I", data, 12)[0]):
-        at = 16 + i * 40
-        if data[at:at + 16].rstrip(b"\0") == b"meta":
-            struct.pack_into("<QI", data, at + 24, len(blob), zlib.crc32(blob))
-    _rehead(data)
+    _rewrite_section(data, snap, "meta", meta)
     out.write_bytes(bytes(data))
     return out
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("tag, edit, message", [
+    ("meta", lambda o: o["vm"].__setitem__("vcpus", 0), "0 vCPUs"),
+    ("meta", lambda o: o["vm"]["memory"][0].__setitem__("gpa", 5), "page-aligned"),
+    ("meta", lambda o: o["vm"]["memory"][0].__setitem__("size", 0), "non-empty"),
+    ("vm", lambda o: o.__setitem__("clock", -1), "clock -1"),
+    ("vm", lambda o: o.__setitem__("clock", 1 << 64), "unsigned 64-bit"),
+])
+def test_values_kvm_would_refuse_are_bad_input_with_checksums_intact(tmp_path, snap_file, tag, edit, message):
+    """A file edited with its checksums made right again: what KVM would refuse (no vCPU, a slot not
+    of whole pages, a clock out of __u64) is refused at load, before any VM, as bad input (exit 2)."""
+    snap = snapshot.load(str(snap_file))
+    data = bytearray(snap_file.read_bytes())
+    obj = json.loads(json.dumps(snap.meta if tag == "meta" else snap.vm))
+    edit(obj)
+    _rewrite_section(data, snap, tag, obj)
+    bad = tmp_path / "edited.snap"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match=message):
+        snapshot.load(str(bad))
+    for command in ("inspect", "restore", "compat"):
+        r = vmm(command, str(bad))
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (command, r.stderr)
 
 
 @pytest.mark.kvm

@@ -480,6 +480,7 @@ def load(path, check_memory=True):
                     raise KeyError("memory slot fields")
         except (KeyError, TypeError, ValueError) as e:
             raise SnapshotError(f"{path}: meta section lacks {e}") from None
+        _check_vm_values(nvcpus, memory, vm, path)
         vcpus = []
         for i in range(nvcpus):
             sec = sections.get(f"vcpu.{i}")
@@ -504,6 +505,31 @@ def load(path, check_memory=True):
             else:
                 unchecked[m["slot"]] = (fn, extents)
     return Snapshot(path, major, minor, sections, meta, vm, vcpus, unchecked)
+
+
+PAGE = 4096
+
+
+def _is_u64(x):
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 64
+
+
+def _check_vm_values(nvcpus, memory, vm, path):
+    """What KVM would refuse, refused as bad input before any VM exists: at least one vCPU; memory
+    slots page-aligned and non-empty (KVM_SET_USER_MEMORY_REGION: guest_phys_addr and memory_size
+    are multiples of the page size; Documentation/virt/kvm/api.rst); the clock a __u64
+    (struct kvm_clock_data, include/uapi/linux/kvm.h)."""
+    if nvcpus < 1:
+        raise SnapshotError(f"{path}: the snapshot has {nvcpus} vCPUs; a VM has at least one")
+    for m in memory:
+        gpa, size = m["gpa"], m["size"]
+        if not (_is_u64(gpa) and _is_u64(size) and size > 0 and gpa % PAGE == 0 and size % PAGE == 0
+                and gpa + size <= 1 << 64):
+            raise SnapshotError(f"{path}: memory slot {m['slot']!r} at {gpa!r} of {size!r} bytes: a slot is "
+                                f"a non-empty run of whole {PAGE}-byte pages at a page-aligned address")
+    clock = vm.get("clock") if isinstance(vm, dict) else None
+    if not _is_u64(clock):
+        raise SnapshotError(f"{path}: vm section: clock {clock!r} is not an unsigned 64-bit count of ns")
 
 
 # --- destination checks --------------------------------------------------------------------------
