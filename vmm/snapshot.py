@@ -507,9 +507,6 @@ def load(path, check_memory=True):
     return Snapshot(path, major, minor, sections, meta, vm, vcpus, unchecked)
 
 
-PAGE = 4096
-
-
 def _is_u64(x):
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 64
 
